@@ -1,0 +1,56 @@
+"""The adapter protocol: what path, selection and extraction code may ask of an architecture.
+
+An adapter declares the mask groups (`mask_spec`), builds the Flax module for the dense or any pruned
+shape (`module`), slices a param tree for a keep-set (`extract`, algorithm.md §5) and counts the params and
+MACs of an architecture spec (`arch_cost`). Architecture specs are JSON dicts with an "arch" key naming the
+adapter, so a saved pruned model can be rebuilt from its spec alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import flax.linen as nn
+
+from spp_jax.errors import CheckpointMismatch
+from spp_jax.groups import KeepSet, Masks, MaskSpec
+
+Params = dict[str, Any]
+ArchSpec = dict[str, Any]
+
+
+class Adapter(Protocol):
+    name: str
+
+    def mask_spec(self) -> MaskSpec: ...
+
+    def module(self, arch_spec: ArchSpec | None = None) -> nn.Module: ...
+
+    def dense_spec(self) -> ArchSpec: ...
+
+    def normalize_keep(self, keep: KeepSet) -> KeepSet: ...
+
+    def extract(
+        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+    ) -> tuple[Params, ArchSpec]: ...
+
+    def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]: ...
+
+
+_REGISTRY: dict[str, Callable[[ArchSpec], Adapter]] = {}
+
+
+def register_adapter(name: str, from_spec: Callable[[ArchSpec], Adapter]) -> None:
+    """Register `from_spec(arch_spec) -> Adapter` for specs whose "arch" is `name`."""
+    _REGISTRY[name] = from_spec
+
+
+def adapter_from_spec(arch_spec: Mapping[str, Any]) -> Adapter:
+    arch = arch_spec.get("arch")
+    if arch not in _REGISTRY:
+        raise CheckpointMismatch(
+            f"architecture spec names arch={arch!r}, known: {sorted(_REGISTRY)}; "
+            "is this a spp_jax pruned-model directory?"
+        )
+    return _REGISTRY[arch](dict(arch_spec))

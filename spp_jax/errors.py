@@ -1,0 +1,25 @@
+"""Errors with a one-line cause and fix, raised on bad input (configs, assets, targets, checkpoints)."""
+
+
+class SPPError(Exception):
+    """Base class: the message is one line naming the cause and what to do."""
+
+
+class AssetNotInstalled(SPPError):
+    """A model or dataset asset is missing: the message says which command installs it."""
+
+
+class ConfigError(SPPError):
+    """A config value is unknown or out of range."""
+
+
+class UnreachableTarget(SPPError):
+    """A selection target the path cannot satisfy."""
+
+
+class CheckpointMismatch(SPPError):
+    """A workdir or checkpoint belongs to another model, or is corrupt."""
+
+
+class NonFiniteLoss(SPPError):
+    """The loss became NaN/Inf: the run stops before writing a bad path point."""
