@@ -1,0 +1,112 @@
+"""The SPP search step: differentiate the task loss w.r.t. the masks only and apply the SPP transform.
+
+Frozen weights (the reference behaviour, algorithm.md §3.2) are an argument of the step, not part of its
+state, so no weight gradient is ever formed. Jointly training the weights is an option (`weights_tx`):
+then the state also carries the weights and their optimizer state.
+
+The step never commits a non-finite update: if the loss or a gradient is NaN/Inf the old state is kept and
+`metrics["nonfinite"]` is 1, so the host can stop before writing a bad path point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from spp_jax import spp as spp_lib
+from spp_jax.groups import Masks, MaskSpec
+
+Params = Any
+ApplyFn = Callable[..., jax.Array]  # apply_fn({"params": p}, images, masks=..., train=...) -> logits
+
+
+@flax.struct.dataclass
+class SearchState:
+    """Everything a search step changes. `params`/`params_opt_state` are None unless weights train."""
+
+    step: jax.Array
+    masks: Masks
+    opt_state: spp_lib.SPPState
+    params: Params = None
+    params_opt_state: optax.OptState = None
+
+
+def init_search_state(
+    spec: MaskSpec, mask_tx: optax.GradientTransformation, params: Params = None, weights_tx=None
+) -> SearchState:
+    """M_0 = 1 (the masked model is the pretrained one), Z_0 = Gamma_0 = 0 (algorithm.md §3.1)."""
+    masks = spec.init_masks()
+    return SearchState(
+        step=jnp.zeros((), jnp.int32),
+        masks=masks,
+        opt_state=mask_tx.init(masks),
+        params=params if weights_tx is not None else None,
+        params_opt_state=weights_tx.init(params) if weights_tx is not None else None,
+    )
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy and accuracy (sums over the batch, divided by its size)."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    acc = (logits.argmax(-1) == labels).mean()
+    return loss, acc
+
+
+def path_metrics(spec: MaskSpec, opt_state: spp_lib.SPPState) -> dict[str, jax.Array]:
+    """Support fraction per group and the params/MACs fraction the support of Gamma keeps (on device)."""
+    supp = spp_lib.support(opt_state)
+    out = {f"support/{g.name}": supp[g.name].mean() for g in spec.groups}
+    params, macs = spec.kept_cost(supp)
+    out["kept_params_frac"] = params / spec.total_params
+    out["kept_macs_frac"] = macs / spec.total_macs
+    out["support/all"] = sum(supp[g.name].sum() for g in spec.groups) / sum(
+        g.num_entries for g in spec.groups
+    )
+    return out
+
+
+def make_search_step(
+    apply_fn: ApplyFn,
+    spec: MaskSpec,
+    mask_tx: optax.GradientTransformation,
+    weights_tx: optax.GradientTransformation | None = None,
+    loss_fn: Callable = classification_loss,
+) -> Callable[[SearchState, Params, dict[str, jax.Array]], tuple[SearchState, dict[str, jax.Array]]]:
+    """Build `step(state, frozen_params, batch) -> (state, metrics)`; jit it with the shardings you want.
+
+    One step is M_{k+1} = M_k + SPP-update(grad_M L(M_k)) and the Z/Gamma recursion of the SPP
+    transform (algorithm.md §3). With `weights_tx`, weights move by their own optimizer on grad_W L.
+    """
+
+    def step(state: SearchState, frozen_params: Params, batch: dict[str, jax.Array]):
+        train_weights = weights_tx is not None
+        params = state.params if train_weights else frozen_params
+
+        def loss_of(masks, params):
+            logits = apply_fn({"params": params}, batch["image"], masks=masks, train=False)
+            return loss_fn(logits, batch["label"])
+
+        argnums = (0, 1) if train_weights else 0
+        (loss, acc), grads = jax.value_and_grad(loss_of, argnums=argnums, has_aux=True)(state.masks, params)
+        mask_grads = grads[0] if train_weights else grads
+        updates, opt_state = mask_tx.update(mask_grads, state.opt_state, state.masks)
+        new = state.replace(
+            step=state.step + 1, masks=optax.apply_updates(state.masks, updates), opt_state=opt_state
+        )
+        if train_weights:
+            w_updates, w_state = weights_tx.update(grads[1], state.params_opt_state, state.params)
+            new = new.replace(params=optax.apply_updates(state.params, w_updates), params_opt_state=w_state)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.asarray([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
+        )
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, "accuracy": acc, "nonfinite": (~finite).astype(jnp.int32)}
+        metrics.update(path_metrics(spec, new.opt_state))
+        return new, metrics
+
+    return step

@@ -1,0 +1,38 @@
+"""Tiny models and random data shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spp_jax.adapters import ViTAdapter
+from spp_jax.models.vit import vit_config
+
+
+def mu_adapter(groups=("qk", "vo", "mlp"), **overrides) -> ViTAdapter:
+    return ViTAdapter(vit_config("mu", **{"num_classes": 5, **overrides}), tuple(groups))
+
+
+def random_params(adapter: ViTAdapter, seed: int = 0, scale: float = 0.1):
+    """Init params, then perturb every leaf (the zero-init head and LayerScale would hide bugs)."""
+    c = adapter.config
+    x = jnp.zeros((1, c.image_size, c.image_size, 3))
+    params = adapter.module().init(jax.random.key(seed), x)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def random_images(adapter: ViTAdapter, n: int = 4, seed: int = 0) -> jax.Array:
+    c = adapter.config
+    return jax.random.normal(jax.random.key(seed), (n, c.image_size, c.image_size, 3))
+
+
+def random_keep(spec, rng: np.random.Generator, p: float = 0.5) -> dict[str, np.ndarray]:
+    return {g.name: rng.random(g.shape) < p for g in spec.groups}
+
+
+def as_masks(keep) -> dict[str, jax.Array]:
+    return {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
