@@ -213,9 +213,8 @@ def stage_dense(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src) -> d
         return {**done, "params_tree": params}
     t0 = time.perf_counter()
     params = load_dense_backbone(cfg, adapter)
-    log(
-        f"[dense] loaded {cfg.model.init} backbone ({adapter.arch_cost(adapter.dense_spec())[0] / 1e6:.2f}M params)"
-    )
+    n_params = adapter.arch_cost(adapter.dense_spec())[0]
+    log(f"[dense] loaded {cfg.model.init} backbone ({n_params / 1e6:.2f}M params)")
     xtr, ytr = features(cfg, adapter, params, train_src)
     params["head"] = fit_probe(cfg, xtr, ytr, adapter.config.num_classes)
     if cfg.dense.finetune_steps:
@@ -305,10 +304,10 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
             state, metrics = step_fn(state, params, batch)
             metrics = jax.device_get(metrics)  # a few scalars: needed for the percent-crossing check
             if metrics["nonfinite"]:
-                stored = paths.steps()
+                last = (paths.steps() or [None])[-1]
                 raise NonFiniteLoss(
-                    f"search loss became NaN/Inf at step {k} (last path point: step {stored[-1] if stored else None}"
-                    f", kept intact): lower --config.search.lr or check the input data, then rerun to resume"
+                    f"search loss became NaN/Inf at step {k} (last path point: step {last}, kept intact): "
+                    "lower --config.search.lr or check the input data, then rerun to resume"
                 )
             percent = int(metrics["support/all"] * 100)
             cadence = k % s.path_every == 0 or k == s.steps
