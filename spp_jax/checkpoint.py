@@ -71,7 +71,13 @@ class PathStore:
 
     def arrays(self, step: int) -> dict[str, Any]:
         self._check_step(step)
-        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        except Exception as e:  # orbax raises many types for missing/corrupt files
+            raise CheckpointMismatch(
+                f"path point {step} in {self.directory} cannot be read ({type(e).__name__}): delete "
+                f"{self.directory / str(step)} and pick another point (or rerun the search)"
+            ) from e
         return jax.tree.map(np.asarray, dict(out["state"]))
 
     def records(self) -> list[dict[str, Any]]:
@@ -156,8 +162,14 @@ def load_pruned(directory: str | os.PathLike):
     arch_spec = json.loads(spec_file.read_text())
     adapter = adapter_from_spec(arch_spec)
     module = adapter.module(arch_spec)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / "params")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(directory / "params")
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        raise CheckpointMismatch(
+            f"{directory / 'params'} cannot be read ({type(e).__name__}): the save is corrupt or incomplete; "
+            "re-run the extraction (launch/extract.py) for this target"
+        ) from e
     params = jax.tree.map(np.asarray, params)
     expected = adapter.arch_cost(arch_spec)[0]
     got = sum(int(np.size(v)) for v in jax.tree.leaves(params))

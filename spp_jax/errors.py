@@ -9,8 +9,8 @@ class AssetNotInstalled(SPPError):
     """A model or dataset asset is missing: the message says which command installs it."""
 
 
-class ConfigError(SPPError):
-    """A config value is unknown or out of range."""
+class ConfigError(SPPError, ValueError):
+    """A config value is unknown or out of range (also a ValueError, as for any bad argument)."""
 
 
 class UnreachableTarget(SPPError):

@@ -437,7 +437,7 @@ def evaluate_model(cfg, model_dir: Path, eval_src) -> dict:
     return {"accuracy": acc, "throughput": tput}
 
 
-def stage_finetune_evaluate(cfg, wd, dense: dict, extracted: dict, train_src, eval_src) -> tuple[dict, dict]:
+def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tuple[dict, dict]:
     done = wd.result("finetune")
     if done is None:
         t0 = time.perf_counter()
@@ -468,8 +468,24 @@ def stage_finetune_evaluate(cfg, wd, dense: dict, extracted: dict, train_src, ev
 # ----------------------------------------------------------------------------------------------------------
 
 
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Fail in the first second, not after the dense stage, on values the later stages would reject."""
+    make_mask_tx(cfg)
+    for t in cfg.extract.targets:
+        selection.parse_target(t)
+    n = jax.device_count()
+    for name in ("search", "finetune"):
+        if cfg[name].batch_size % n:
+            raise ConfigError(
+                f"{name}.batch_size={cfg[name].batch_size} is not a multiple of the {n} devices"
+            )
+    if not 0 < cfg.search.path_every <= cfg.search.steps:
+        raise ConfigError(f"search.path_every={cfg.search.path_every} must be in [1, search.steps]")
+
+
 def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Run (or resume) every stage and write the report; returns the report dict."""
+    validate_config(cfg)
     wd = Workdir(workdir)
     if jax.process_index() == 0:
         (wd.path / "config.json").write_text(cfg.to_json(indent=2))
@@ -483,7 +499,7 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     dense_params = dense.pop("params_tree")
     searched = stage_search(cfg, wd, adapter, dense_params, train_src, eval_src)
     extracted = stage_extract(cfg, wd, adapter, dense_params, eval_src)
-    tuned, ev = stage_finetune_evaluate(cfg, wd, dense, extracted, train_src, eval_src)
+    tuned, ev = stage_finetune_evaluate(cfg, wd, extracted, train_src, eval_src)
 
     paths = checkpoint.PathStore(wd.path / "search" / "path")
     targets = [

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from spp_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -37,7 +39,7 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     for k, v in batch.items():
         v = np.asarray(v)
         if (v.shape[0] * jax.process_count()) % n:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch {v.shape[0] * jax.process_count()} is not divisible by the {n} devices "
                 "of the mesh: pick a batch size that is a multiple of the device count"
             )

