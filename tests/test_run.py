@@ -2,6 +2,9 @@
 resume after a kill, workdir fingerprint, NaN guard, unreachable targets, loading the outputs."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -182,6 +185,25 @@ def test_bad_configs_fail_before_any_stage(cfg, tmp_path, field, value, match):
     with pytest.raises(ConfigError, match=match):
         run.run_all(cfg, tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
+
+
+def test_extract_script_picks_a_new_target_without_searching(full_run):
+    c, wd, _ = full_run
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, str(root / "launch" / "extract.py"), f"--workdir={wd}", "--target=flops:0.6"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "flops:0.6" in out.stdout
+    module, params, arch = checkpoint.load_pruned(wd / "extracted" / "flops_0.6")
+    assert len(arch["layers"]) == 2
+    bad = subprocess.run(
+        [sys.executable, str(root / "launch" / "extract.py"), f"--workdir={wd}", "--target=step:99999"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "no path point at step 99999" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_config_json_round_trips(full_run):
