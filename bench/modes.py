@@ -6,20 +6,22 @@ Reuses the dense classifier of a finished run (WORKDIR/dense), then for each mod
 search (same steps, batch and data order as the run) in WORKDIR/modes/<name>, extracts the run's targets
 and reports the accuracy of each binary-masked sub-network BEFORE fine-tuning (the path's own quality),
 plus the search wall time. Fine-tuning would blur the comparison and costs minutes per model on a CPU.
+A "random" row ranks the entries at random (same targets): the floor a useful path must beat.
+A finished search in WORKDIR/modes/<name> is reused (delete it to rerun).
 """
 
 import argparse
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax
 import ml_collections
+import numpy as np
 
-from spp_jax import checkpoint, data, run
+from spp_jax import checkpoint, data, finetune, run, selection
 
 MODES = {
     "official": dict(mode="official"),
@@ -28,10 +30,31 @@ MODES = {
 }
 
 
+def random_baseline(cfg, adapter, params, eval_src, targets, base: Path) -> dict[str, float]:
+    """Accuracy of the same targets selected from a random ranking (a fake path record)."""
+    rng = np.random.default_rng(0)
+    spec = adapter.mask_spec()
+    record = {
+        "t_in": {
+            g.name: rng.permutation(g.num_entries).reshape(g.shape).astype(np.float32) for g in spec.groups
+        },
+        "steps_in_support": {g.name: np.zeros(g.shape, np.int32) for g in spec.groups},
+        "z": {g.name: np.zeros(g.shape, np.float32) for g in spec.groups},
+    }
+    out = {}
+    for t in targets:
+        keep = selection.select_subnetwork(spec, record, t, round_to=cfg.extract.round_to)
+        small, arch = adapter.extract(params, keep)
+        step = jax.jit(finetune.make_eval_step(adapter.module(arch).apply))
+        out[t] = finetune.evaluate(step, small, run.eval_batches(cfg, eval_src))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="a finished launch/train.py workdir")
     ap.add_argument("--modes", default=",".join(MODES), help="comma separated subset of " + ",".join(MODES))
+    ap.add_argument("--targets", default=None, help="comma separated (default: the run's extract.targets)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -40,6 +63,7 @@ def main() -> None:
     train_src, eval_src = run.sources(cfg)
     adapter = run.build_adapter(cfg, data.num_classes(cfg.data.dataset, cfg.data.data_dir or None))
     _, params, _ = checkpoint.load_pruned(base / "dense")
+    targets = args.targets.split(",") if args.targets else list(cfg.extract.targets)
     results = {}
     for name in args.modes.split(","):
         c = ml_collections.ConfigDict(cfg.to_dict())
@@ -47,22 +71,19 @@ def main() -> None:
             c.search.update({k: v for k, v in MODES[name].items()})
             c.search.eval_points = False
         wd = run.Workdir(base / "modes" / name)
-        shutil.rmtree(wd.path / "search", ignore_errors=True)
-        (wd.path / "results" / "search.json").unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        run.stage_search(c, wd, adapter, params, train_src, eval_src)
-        seconds = time.perf_counter() - t0
-        targets = run.extract_targets(c, wd, adapter, params, eval_src, c.extract.targets)
+        seconds = run.stage_search(c, wd, adapter, params, train_src, eval_src)["seconds"]
+        extracted = run.extract_targets(c, wd, adapter, params, eval_src, targets)
         results[name] = {
             "search": MODES[name],
             "search_seconds": seconds,
-            "accuracy_masked": {t["target"]: t["accuracy_masked"] for t in targets},
+            "accuracy_masked": {t["target"]: t["accuracy_masked"] for t in extracted},
         }
         print(name, json.dumps(results[name]), flush=True)
-    print(f"{'mode':10s} " + " ".join(f"{t:>12s}" for t in cfg.extract.targets) + "   search s")
+    results["random"] = {"accuracy_masked": random_baseline(cfg, adapter, params, eval_src, targets, base)}
+    print(f"{'mode':10s} " + " ".join(f"{t:>12s}" for t in targets) + "   search s")
     for name, r in results.items():
-        accs = " ".join(f"{r['accuracy_masked'][t]:12.4f}" for t in cfg.extract.targets)
-        print(f"{name:10s} {accs}   {r['search_seconds']:.0f}")
+        accs = " ".join(f"{r['accuracy_masked'][t]:12.4f}" for t in targets)
+        print(f"{name:10s} {accs}   {r.get('search_seconds', 0):.0f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
