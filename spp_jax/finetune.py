@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 Params = Any
 
@@ -89,7 +90,9 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterable[dict], masks
     for batch in batches:
         c, n = eval_step(params, batch, masks)
         correct, total = correct + float(c), total + float(n)
-    return correct / max(total, 1.0)
+    if jax.process_count() > 1:  # each process evaluated its own shard
+        correct, total = np.asarray(multihost_utils.process_allgather(np.array([correct, total]))).sum(0)
+    return float(correct / max(total, 1.0))
 
 
 def measure_throughput(

@@ -487,12 +487,12 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Run (or resume) every stage and write the report; returns the report dict."""
     validate_config(cfg)
     wd = Workdir(workdir)
-    if jax.process_index() == 0:
-        (wd.path / "config.json").write_text(cfg.to_json(indent=2))
     train_src, eval_src = sources(cfg)
     n_classes = data.num_classes(cfg.data.dataset, cfg.data.data_dir or None, label_key=cfg.data.label_key)
     adapter = build_adapter(cfg, n_classes)
     wd.check_fingerprint(fingerprint(cfg, adapter))
+    if jax.process_index() == 0:  # only once the workdir is known to be this run's
+        checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
     log(f"[run] {jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} processes")
 
     dense = stage_dense(cfg, wd, adapter, train_src, eval_src)

@@ -80,9 +80,11 @@ def test_extracted_models_load_and_run_on_their_own(full_run):
 
 def test_workdir_of_another_model_is_refused(full_run, cfg):
     _, wd, _ = full_run
+    before = (wd / "config.json").read_text()
     cfg.model.groups = ("qk", "vo", "mlp", "heads")
     with pytest.raises(CheckpointMismatch, match="new --workdir"):
         run.run_all(cfg, wd)
+    assert (wd / "config.json").read_text() == before  # the refused run left the workdir untouched
 
 
 def test_unreachable_and_missing_targets(full_run, cfg):
