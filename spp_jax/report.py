@@ -330,12 +330,17 @@ def plot_path(report: Mapping, filename: str) -> None:
     bottom.set_ylabel("fraction of dense")
     bottom.set_ylim(-0.02, 1.02)
     for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="best", fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _finish(ax, "no data")
     fig.savefig(filename, dpi=110)
+
+
+def _finish(ax, empty_text: str) -> None:
+    """Grid, and a legend when something was drawn (else say there was nothing to draw)."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, empty_text, ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_accuracy(report: Mapping, filename: str) -> None:
@@ -365,11 +370,7 @@ def plot_accuracy(report: Mapping, filename: str) -> None:
     ax.set_xlabel("kept params (fraction of dense)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy against kept params")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no accuracy recorded", ha="center", va="center", transform=ax.transAxes)
+    _finish(ax, "no accuracy recorded")
     fig.savefig(filename, dpi=110)
 
 
