@@ -428,11 +428,14 @@ def finetune_model(
     return out
 
 
-def evaluate_model(cfg, model_dir: Path, eval_src) -> dict:
-    module, params, arch = checkpoint.load_pruned(model_dir)
-    acc = finetune.evaluate(
-        jax.jit(finetune.make_eval_step(module.apply)), params, eval_batches(cfg, eval_src)
-    )
+def evaluate_model(cfg, model_dir: Path, eval_src, accuracy: float | None = None) -> dict:
+    """Accuracy on the eval split (unless already known) and measured inference throughput."""
+    module, params, _ = checkpoint.load_pruned(model_dir)
+    acc = accuracy
+    if acc is None:
+        acc = finetune.evaluate(
+            jax.jit(finetune.make_eval_step(module.apply)), params, eval_batches(cfg, eval_src)
+        )
     tput = finetune.measure_throughput(module.apply, params, cfg.model.image_size, cfg.eval.throughput_batch)
     return {"accuracy": acc, "throughput": tput}
 
@@ -452,7 +455,8 @@ def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tu
     ev = wd.result("evaluate")
     if ev is None:
         t0 = time.perf_counter()
-        ev = {"dense": evaluate_model(cfg, wd.path / "dense", eval_src), "targets": {}}
+        dense_acc = wd.result("dense")["accuracy"]  # measured by the dense stage on the same split
+        ev = {"dense": evaluate_model(cfg, wd.path / "dense", eval_src, dense_acc), "targets": {}}
         for t in extracted["targets"]:
             ev["targets"][t["target"]] = evaluate_model(
                 cfg, wd.path / "finetuned" / Path(t["dir"]).name, eval_src
