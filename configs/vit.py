@@ -7,7 +7,7 @@ Fashion-MNIST (5k train / 2k test) at 56 px (16 patches + cls token), ~10 min on
 
 Expected on a 2-core CPU: dense linear probe ~0.85 top-1; see README.md for the measured table.
 
-Arguments after the colon pick presets: `configs/vit.py:quick` (a 2-minute smoke run),
+Arguments after the colon pick presets: `configs/vit.py:quick` (a ~5-minute smoke run),
 `configs/vit.py:mu` (tiny random model, for tests). Scale up by overrides alone, e.g. a user DeiT-S
 checkpoint on a user-prepared ImageNet:
 
