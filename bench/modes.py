@@ -27,6 +27,8 @@ MODES = {
     "official": dict(mode="official"),
     # The official form with a 4x smaller step and 3.5x the steps: more gradient averaging before entries.
     "official-slow": dict(mode="official", lr=5e-3, steps=700, path_every=50),
+    # The official form searching on 5k images the probe head was NOT fitted on.
+    "official-heldout": dict(mode="official", search_split="train[5000:10000]"),
     # Paper form: kappa * alpha = 0.05 is far below the stability bound nu / (1 + nu L) for L < 20.
     "paper": dict(mode="paper", lr=0.05, kappa=1.0, nu=10.0, lam=0.5),
 }
@@ -70,7 +72,9 @@ def main() -> None:
     for name in args.modes.split(","):
         c = ml_collections.ConfigDict(cfg.to_dict())
         with c.unlocked():
-            c.search.update({k: v for k, v in MODES[name].items()})
+            setting = dict(MODES[name])
+            c.data.search_split = setting.pop("search_split", "")
+            c.search.update(setting)
             c.search.eval_points = False
         wd = run.Workdir(base / "modes" / name)
         seconds = run.stage_search(c, wd, adapter, params, train_src, eval_src)["seconds"]

@@ -156,7 +156,7 @@ def fingerprint(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
     return {
         "model": {k: cfg.model[k] for k in ("variant", "init", "init_path", "image_size", "pool")},
         "mask_spec": adapter.mask_spec().to_json(),
-        "data": {k: cfg.data[k] for k in ("dataset", "train_split")},
+        "data": {k: cfg.data.get(k, "") for k in ("dataset", "train_split", "search_split")},
         "search": {
             k: cfg.search[k] for k in ("mode", "lr", "kappa", "nu", "lam", "shrink", "base", "batch_size")
         },
@@ -276,6 +276,8 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
 
     params = sharding.replicate(params, mesh)
     state = sharding.replicate(search.init_search_state(spec, tx), mesh)
+    if cfg.data.get("search_split"):  # search on other images than the head was fitted on
+        train_src = data.get_source(cfg.data.dataset, cfg.data.search_split, cfg.data.data_dir or None)
     loader = train_loader(cfg, train_src, s.batch_size, cfg.seed, augment=False)
     paths = checkpoint.PathStore(wd.path / "search" / "path")
     resume = checkpoint.ResumeStore(wd.path / "search" / "resume")

@@ -152,6 +152,18 @@ def test_killed_search_resumes_on_the_same_path(cfg, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a.arrays(last), b.arrays(last))
 
 
+def test_search_split_feeds_the_search_other_images(cfg, tmp_path):
+    cfg.search.eval_points = False
+    _search(cfg, tmp_path / "same")
+    cfg.data.search_split = "train[160:320]"
+    _search(cfg, tmp_path / "held_out")
+    same = checkpoint.PathStore(tmp_path / "same" / "search" / "path")
+    held = checkpoint.PathStore(tmp_path / "held_out" / "search" / "path")
+    last = same.steps()[-1]
+    z_same, z_held = same.arrays(last)["z"]["mlp"], held.arrays(last)["z"]["mlp"]
+    assert not np.allclose(z_same, z_held)
+
+
 def test_nan_loss_stops_without_a_bad_point(cfg, tmp_path):
     cfg.search.eval_points = False
     with pytest.raises(NonFiniteLoss, match="step 6"):
