@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from spp_jax import checkpoint, data, finetune, run, selection
+from spp_jax import checkpoint, finetune, run, selection
 
 MODES = {
     "official": dict(mode="official"),
@@ -65,7 +65,7 @@ def main() -> None:
     base = Path(args.workdir)
     cfg = ml_collections.ConfigDict(json.loads((base / "config.json").read_text()))
     train_src, eval_src = run.sources(cfg)
-    adapter = run.build_adapter(cfg, data.num_classes(cfg.data.dataset, cfg.data.data_dir or None))
+    adapter = run.build_adapter(cfg)
     _, params, _ = checkpoint.load_pruned(base / "dense")
     targets = args.targets.split(",") if args.targets else list(cfg.extract.targets)
     results = {}

@@ -19,7 +19,7 @@ _FOLD = flags.DEFINE_bool("fold_masks", None, "Fold mask values into kept weight
 
 def main(argv):
     del argv
-    from spp_jax import checkpoint, data, run
+    from spp_jax import checkpoint, run
     from spp_jax.errors import SPPError
 
     cfg = load_run_config(_WORKDIR.value)
@@ -31,7 +31,7 @@ def main(argv):
         wd = run.Workdir(_WORKDIR.value)
         _, eval_src = run.sources(cfg)
         _, params, arch = checkpoint.load_pruned(wd.path / "dense")
-        adapter = run.build_adapter(cfg, data.num_classes(cfg.data.dataset, cfg.data.data_dir or None))
+        adapter = run.build_adapter(cfg)
         for t in run.extract_targets(cfg, wd, adapter, params, eval_src, _TARGETS.value):
             print(
                 f"{t['target']}: {t['params']} params ({t['params_frac']:.1%}), "

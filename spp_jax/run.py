@@ -42,7 +42,11 @@ from spp_jax.progress import MetricWriter, Progress, log
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_adapter(cfg: ml_collections.ConfigDict, num_classes: int) -> ViTAdapter:
+def build_adapter(cfg: ml_collections.ConfigDict, num_classes: int | None = None) -> ViTAdapter:
+    """The run's model; `num_classes=None` reads it from the dataset's metadata."""
+    if num_classes is None:
+        d = cfg.data
+        num_classes = data.num_classes(d.dataset, d.data_dir or None, label_key=d.label_key)
     m = cfg.model
     kw = dict(
         image_size=m.image_size, num_classes=num_classes, pool=m.pool, mlp_mask_pre_act=m.mlp_mask_pre_act
@@ -494,8 +498,8 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     validate_config(cfg)
     wd = Workdir(workdir)
     train_src, eval_src = sources(cfg)
-    n_classes = data.num_classes(cfg.data.dataset, cfg.data.data_dir or None, label_key=cfg.data.label_key)
-    adapter = build_adapter(cfg, n_classes)
+    adapter = build_adapter(cfg)
+    n_classes = adapter.config.num_classes
     wd.check_fingerprint(fingerprint(cfg, adapter))
     if jax.process_index() == 0:  # only once the workdir is known to be this run's
         checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
