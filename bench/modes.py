@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from spp_jax import checkpoint, finetune, run, selection
+from spp_jax.workdir import Workdir
 
 MODES = {
     "official": dict(mode="official"),
@@ -76,7 +77,7 @@ def main() -> None:
             c.data.search_split = setting.pop("search_split", "")
             c.search.update(setting)
             c.search.eval_points = False
-        wd = run.Workdir(base / "modes" / name)
+        wd = Workdir(base / "modes" / name).create()
         seconds = run.stage_search(c, wd, adapter, params, train_src, eval_src)["seconds"]
         extracted = run.extract_targets(c, wd, adapter, params, eval_src, targets)
         results[name] = {

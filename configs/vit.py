@@ -109,5 +109,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.finetune.steps, c.finetune.batch_size = 4, 16
             c.eval.batch_size, c.eval.throughput_batch = 64, 8
         elif preset:
-            raise ValueError(f"unknown preset {preset!r} in configs/vit.py: use quick or mu")
+            raise ValueError(f"unknown preset {preset!r} in configs/vit.py; use quick or mu")
     return c

@@ -1,16 +1,166 @@
-"""Shared bits of the single-stage launch scripts: load a finished run's config from its workdir."""
+"""What the launch scripts share: one-line errors instead of tracebacks, quiet logging, a run's config.
 
+Every bad input ends in one line `error: <cause>; <what to do>` on stderr and a non-zero exit:
+flag and config-override mistakes are diagnosed here (absl and ml_collections report them as multi-line
+tracebacks), everything the library rejects arrives as an `SPPError`. SIGTERM and SIGINT end a run with the
+resume state saved: exit 0 for SIGTERM (a preemption is not a failure), 130 for SIGINT.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
 import json
+import re
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import ml_collections
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from spp_jax.errors import ConfigError, Preempted, SPPError
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    f = Path(workdir) / "config.json"
+FLAGS = flags.FLAGS
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a tuple"}
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().strip("'\"") or type(e).__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def _config_leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        if hasattr(v, "items"):
+            out.update(_config_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _load_config(spec: str) -> tuple[str, Any]:
+    """(config file, ConfigDict) of `file.py[:preset]`, or a one-line diagnosis as ConfigError."""
+    path, _, preset = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; give one such as configs/vit.py[:preset]")
+    try:
+        mod_spec = importlib.util.spec_from_file_location("_spp_config", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return path, module.get_config(preset or None)
+    except SPPError:
+        raise
+    except Exception as e:  # the config file itself is broken
+        raise ConfigError(
+            f"config {spec} cannot be built ({_first_line(e)}); fix the file or the preset"
+        ) from None
+
+
+def _diagnose(argv: list[str], error: Exception) -> str:
+    """Explain a flag-parsing failure in one line (config file, preset, override key or value)."""
+    values, args = {}, argv[1:]
+    for i, a in enumerate(args):
+        m = re.match(r"--?([\w.]+)(?:=(.*))?$", a)
+        if m:
+            value = m.group(2)
+            if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                value = args[i + 1]  # `--flag value`
+            values.setdefault(m.group(1), value)
+    if values.get("config"):
+        try:
+            path, cfg = _load_config(values["config"])
+        except ConfigError as e:
+            return str(e)
+        leaves = _config_leaves(cfg)
+        sections = {k.split(".")[0] for k in leaves}
+        for name in values:
+            if not name.startswith("config."):
+                continue
+            key = name[len("config.") :]
+            if key in leaves:
+                continue
+            close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            if key in sections:
+                hint = f" ({key} is a section; set one of its keys, e.g. --config.{key}.<key>=...)"
+            return f"unknown config key {key}{hint}; {path} defines every key a run reads"
+        msg = _first_line(error)
+        for name in values:
+            key = name[len("config.") :]
+            if name.startswith("config.") and name in msg and key in leaves:
+                want = _KINDS.get(type(leaves[key]), "a value of the config's type")
+                return (
+                    f"--{name}={values[name]} is not {want}; give {want} ({path} sets {key}={leaves[key]!r})"
+                )
+    if "config" not in values and isinstance(error, flags.IllegalFlagValueError) and "config" in str(error):
+        return "--config is required; e.g. --config configs/vit.py (or configs/vit.py:quick)"
+    return f"{_first_line(error)}; run with --helpshort to see the flags"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run(..., flags_parser=parse_flags)`: flag mistakes end in one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # absl and ml_collections raise many types here
+        fail(_diagnose(argv, e), code=2)
+        raise  # unreachable: fail() exits
+
+
+def run_main(main: Callable[[list[str]], None]) -> None:
+    """Run a launch script's `main` with quiet logging and the exit rules of the module docstring."""
+
+    def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        try:
+            main(argv)
+        except Preempted as e:
+            name = signal.Signals(e.signum).name
+            if e.saved_step is not None:
+                name += f" at search step {e.saved_step} (resume state saved)"
+            print(
+                f"[run] stopped by {name}; everything finished is saved, rerun the same command to continue",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(0 if e.signum == signal.SIGTERM else 128 + e.signum)
+        except SPPError as e:
+            fail(str(e))
+        except KeyboardInterrupt:  # Ctrl-C before the run installed its handlers
+            fail("interrupted before the run started; nothing was changed, rerun the command", 130)
+
+    app.run(wrapped, flags_parser=parse_flags)
+
+
+def load_run_config(workdir: str):
+    """The config a workdir was made with (config.json), validated; an SPPError names what is wrong."""
+    import ml_collections
+
+    from spp_jax.run_config import validate_config
+
+    d = Path(workdir)
+    f = d / "config.json"
+    if not d.is_dir():
+        raise ConfigError(
+            f"workdir {d} does not exist; point --workdir at a directory made by launch/train.py"
+        )
     if not f.exists():
-        sys.exit(f"error: {f} not found: point --workdir at a directory made by launch/train.py")
-    return ml_collections.ConfigDict(json.loads(f.read_text()))
+        raise ConfigError(f"{f} not found; point --workdir at a directory made by launch/train.py")
+    try:
+        cfg = ml_collections.ConfigDict(json.loads(f.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"{f} is not a valid config ({_first_line(e)}); rerun launch/train.py with this --workdir "
+            "to rewrite it"
+        ) from None
+    validate_config(cfg)
+    return cfg

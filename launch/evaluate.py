@@ -3,8 +3,8 @@ r"""Evaluate saved models: top-1 accuracy on the run's eval split and inference 
 python launch/evaluate.py --workdir workdirs/vit_fmnist --model_dir workdirs/vit_fmnist/finetuned/params_0.5
 """
 
-from _common import load_run_config
-from absl import app, flags
+from _common import load_run_config, run_main
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.py.", required=True)
 _MODELS = flags.DEFINE_multi_string("model_dir", None, "Saved model directories.", required=True)
@@ -15,18 +15,15 @@ def main(argv):
     import jax
 
     from spp_jax import checkpoint, run
-    from spp_jax.errors import SPPError
 
     cfg = load_run_config(_WORKDIR.value)
-    try:
-        _, eval_src = run.sources(cfg)
-        for d in _MODELS.value:
-            _, params, _ = checkpoint.load_pruned(d)
-            n = sum(v.size for v in jax.tree.leaves(params))
-            print(f"{d}: params {n} {run.evaluate_model(cfg, d, eval_src)}")
-    except SPPError as e:
-        raise SystemExit(f"error: {e}") from None
+    _, eval_src = run.sources(cfg)
+    loaded = {d: checkpoint.load_pruned(d) for d in _MODELS.value}  # every directory checked first
+    for d, (_, params, _) in loaded.items():
+        n = sum(v.size for v in jax.tree.leaves(params))
+        r = run.evaluate_model(cfg, d, eval_src)
+        print(f"{d}: {n / 1e6:.2f}M params, accuracy {r['accuracy']:.4f}, {r['throughput']:.1f} img/s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -3,13 +3,14 @@ r"""Fine-tune one saved model (extracted or dense) with the run's fine-tuning co
   python launch/finetune.py --workdir workdirs/vit_fmnist \
       --model_dir workdirs/vit_fmnist/extracted/params_0.4 \
       [--steps 300] [--distill]
-The result lands in WORKDIR/finetuned/<model_dir name>/.
+The result lands in WORKDIR/finetuned/<model_dir name>/ (a complete one with the same source and steps is
+kept, not redone).
 """
 
 from pathlib import Path
 
-from _common import load_run_config
-from absl import app, flags
+from _common import load_run_config, run_main
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.py.", required=True)
 _MODEL = flags.DEFINE_string(
@@ -21,24 +22,24 @@ _DISTILL = flags.DEFINE_bool("distill", None, "Distil from the dense model (defa
 
 def main(argv):
     del argv
-    from spp_jax import checkpoint, run
-    from spp_jax.errors import SPPError
+    from spp_jax import checkpoint, preemption, run
+    from spp_jax.workdir import Workdir
 
     cfg = load_run_config(_WORKDIR.value)
     if _DISTILL.value is not None:
         cfg.finetune.distill = _DISTILL.value
-    try:
-        wd = run.Workdir(_WORKDIR.value)
-        train_src, eval_src = run.sources(cfg)
-        teacher = None
-        if cfg.finetune.distill:
-            module, params, _ = checkpoint.load_pruned(wd.path / "dense")
-            teacher = (module, params)
+    wd = Workdir(_WORKDIR.value)
+    train_src, eval_src = run.sources(cfg)
+    module, params, _ = checkpoint.load_pruned(_MODEL.value)  # checked before anything is written
+    teacher = None
+    if cfg.finetune.distill:
+        module, params, _ = checkpoint.load_pruned(wd.path / "dense")
+        teacher = (module, params)
+    with preemption.stop_signals():
         out = run.finetune_model(cfg, wd, Path(_MODEL.value), train_src, teacher, _STEPS.value)
-        print(f"{out}: {run.evaluate_model(cfg, out, eval_src)}")
-    except SPPError as e:
-        raise SystemExit(f"error: {e}") from None
+        r = run.evaluate_model(cfg, out, eval_src)
+    print(f"{out}: accuracy {r['accuracy']:.4f}, {r['throughput']:.1f} img/s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

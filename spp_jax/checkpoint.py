@@ -1,18 +1,23 @@
 """Every orbax call of spp_jax lives here (orbax's API moves; one small module absorbs that).
 
 - `PathStore`: the solution path. One orbax step per path point holding the mask state (Gamma, Z, M, t_in,
-  steps in support) and a JSON record of its metrics (algorithm.md §4). Never pruned.
+  steps in support) and a JSON record of its metrics (docs/algorithm.md §4). Never pruned.
 - `ResumeStore`: the full search state plus the data iterator position, kept separately (last 2 only).
 - `save_model` / `load_pruned`: a Flax param tree plus its JSON architecture spec; the spec alone rebuilds
   the module.
-orbax writes each step to a temporary directory and renames it when complete, so a crash or kill leaves
-either the previous points or the new one, never a half-written point.
+
+Crash safety: orbax writes each step to a temporary directory and renames it when complete, so a crash or
+kill leaves either the previous points or the new one, never a half-written point; leftover temporary
+directories are removed when a store opens. Every array save carries a SHA-256 of its arrays in its JSON
+record (`checksum`), checked on every read, so garbage that still parses is reported, not used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spp_jax.adapters import adapter_from_spec
-from spp_jax.errors import CheckpointMismatch
+from spp_jax.errors import CheckpointMismatch, SPPError
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -42,107 +47,213 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def tree_checksum(tree: Any) -> str:
+    """SHA-256 over every leaf's key path, dtype, shape and bytes (host copies; any array pytree)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+_TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
+
+
+def _remove_unfinished(directory: Path) -> None:
+    """Delete temporary step directories a killed save left behind (one writer per store)."""
+    if jax.process_index() == 0 and directory.is_dir():
+        for p in directory.iterdir():
+            if _TMP_MARK in p.name and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _manager(directory: Path, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+    if not read_only:
+        _remove_unfinished(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )  # fmt: skip
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-class PathStore:
-    """Path points: `save(step, arrays, record)`, `steps()`, `record(step)`, `arrays(step)`."""
+class _Store:
+    """An orbax manager over `directory`; read-only stores never create it (an absent one is empty)."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None, read_only: bool):
         self.directory = Path(directory)
-        self._mngr = _manager(self.directory, None)
-
-    def save(self, step: int, arrays: Mapping[str, Any], record: Mapping[str, Any]) -> None:
-        arrays = jax.tree.map(np.asarray, dict(arrays))
-        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(dict(record)))
-        self._mngr.save(int(step), args=args, force=True)
+        absent = read_only and not self.directory.is_dir()
+        self._mngr = None if absent else _manager(self.directory, max_to_keep, read_only)
 
     def steps(self) -> list[int]:
+        if self._mngr is None:
+            return []
         self._mngr.reload()
         return sorted(self._mngr.all_steps())
 
-    def record(self, step: int) -> dict[str, Any]:
-        self._check_step(step)
-        return dict(
-            self._mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+    def delete_after(self, step: int) -> list[int]:
+        """Delete every stored step > `step` (work a killed run did past its last resume state)."""
+        gone = [s for s in self.steps() if s > step]
+        for s in gone:
+            self._mngr.delete(s)
+        return gone
+
+    def wait(self) -> None:
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        if self._mngr is not None:
+            self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _unreadable(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+
+
+class PathStore(_Store):
+    """Path points: `save(step, arrays, record)`, `steps()`, `record(step)`, `arrays(step)`."""
+
+    def __init__(self, directory: str | os.PathLike, read_only: bool = False):
+        super().__init__(directory, None, read_only)
+
+    def save(self, step: int, arrays: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        arrays = jax.tree.map(np.asarray, dict(arrays))
+        record = {**record, "step": int(step), "checksum": tree_checksum(arrays)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record))
+        self._mngr.save(int(step), args=args, force=True)
+
+    def _corrupt(self, step: int, what: str) -> CheckpointMismatch:
+        return CheckpointMismatch(
+            f"path point {step} in {self.directory} is corrupt ({what}); delete {self.directory / str(step)} "
+            "and pick another point, or rerun the search with --fresh_search"
         )
 
-    def arrays(self, step: int) -> dict[str, Any]:
+    def record(self, step: int) -> dict[str, Any]:
+        """The point's JSON record, checked to be this point's (`step` field)."""
         self._check_step(step)
+        try:
+            rec = self._mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        except Exception as e:  # orbax raises many types for missing/corrupt files
+            raise self._corrupt(step, f"record unreadable: {_unreadable(e)}") from None
+        if not isinstance(rec, Mapping) or rec.get("step") != step:
+            raise self._corrupt(step, "its record does not describe this step")
+        return dict(rec)
+
+    def arrays(self, step: int) -> dict[str, Any]:
+        """Gamma, Z, M, t_in, steps in support at `step`, verified against the record's checksum."""
+        rec = self.record(step)
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         except Exception as e:  # orbax raises many types for missing/corrupt files
-            raise CheckpointMismatch(
-                f"path point {step} in {self.directory} cannot be read ({type(e).__name__}): delete "
-                f"{self.directory / str(step)} and pick another point (or rerun the search)"
-            ) from e
-        return jax.tree.map(np.asarray, dict(out["state"]))
+            raise self._corrupt(step, f"arrays unreadable: {_unreadable(e)}") from None
+        arrays = jax.tree.map(np.asarray, dict(out["state"]))
+        if "checksum" in rec and rec["checksum"] != tree_checksum(arrays):
+            raise self._corrupt(step, "array data does not match its checksum")
+        return arrays
 
     def records(self) -> list[dict[str, Any]]:
         return [self.record(s) for s in self.steps()]
 
     def _check_step(self, step: int) -> None:
-        if step not in self.steps():
-            have = self.steps()
+        have = self.steps()
+        if step not in have:
             span = f"{have[0]}..{have[-1]} ({len(have)} points)" if have else "none"
             raise CheckpointMismatch(
-                f"no path point at step {step} in {self.directory}; stored: {span}. "
-                "Pick a stored step, or a params/flops/groups target"
+                f"no path point at step {step} in {self.directory} (stored: {span}); "
+                "pick a stored step, or a params/flops/groups target"
             )
 
-    def wait(self) -> None:
-        self._mngr.wait_until_finished()
 
-    def close(self) -> None:
-        self._mngr.close()
-
-
-class ResumeStore:
+class ResumeStore(_Store):
     """Latest search states (state pytree + JSON extras such as the data iterator position)."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-        self.directory = Path(directory)
-        self._mngr = _manager(self.directory, max_to_keep)
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, read_only: bool = False):
+        super().__init__(directory, max_to_keep, read_only)
 
     def save(self, step: int, state: Any, extras: Mapping[str, Any]) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(dict(extras)))
+        extras = {**extras, "step": int(step), "checksum": tree_checksum(jax.device_get(state))}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
         self._mngr.save(int(step), args=args, force=True)
 
     def latest_step(self) -> int | None:
-        return self._mngr.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restore onto `abstract_state` (a pytree of arrays or ShapeDtypeStructs with shardings)."""
-        step = self._mngr.latest_step() if step is None else step
+    def restore(self, abstract_state: Any, step: int) -> tuple[Any, dict[str, Any]]:
+        """Restore `step` onto `abstract_state` (arrays or ShapeDtypeStructs with shardings), verified."""
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore()
         )
+        where = f"resume state at step {step} in {self.directory}"
         try:
             out = self._mngr.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # orbax raises many types for missing/corrupt/mismatched files
             raise CheckpointMismatch(
-                f"resume state at step {step} in {self.directory} does not fit this run "
-                f"({type(e).__name__}); use a new --workdir or delete {self.directory}"
-            ) from e
-        return out["state"], dict(out["extras"])
+                f"{where} cannot be restored ({_unreadable(e)}); delete {self.directory / str(step)} "
+                "to resume from an earlier state, or rerun with --fresh_search"
+            ) from None
+        extras = out["extras"]
+        if not isinstance(extras, Mapping) or extras.get("step", step) != step:
+            raise CheckpointMismatch(f"{where} has a corrupt record; delete {self.directory / str(step)}")
+        if "checksum" in extras and extras["checksum"] != tree_checksum(jax.device_get(out["state"])):
+            raise CheckpointMismatch(
+                f"{where} does not match its checksum (corrupt data); delete {self.directory / str(step)} "
+                "to resume from an earlier state"
+            )
+        return out["state"], dict(extras)
 
-    def wait(self) -> None:
-        self._mngr.wait_until_finished()
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest state that reads back, skipping (and reporting) corrupt newer ones; None if none.
 
-    def close(self) -> None:
-        self._mngr.close()
+        Raises the newest state's error when no stored state can be restored.
+        """
+        first_error = None
+        for step in reversed(self.steps()):
+            try:
+                state, extras = self.restore(abstract_state, step)
+            except CheckpointMismatch as e:
+                first_error = first_error or e
+                continue
+            if first_error is not None:
+                from spp_jax.progress import log
+
+                log(f"[search] skipped an unreadable resume state: {first_error}")
+            return step, state, extras
+        if first_error is not None:
+            raise first_error
+        return None
 
 
 def save_model(directory: str | os.PathLike, params: Any, arch_spec: Mapping[str, Any], **meta: Any) -> None:
     """Store a model as `params/` (orbax) + `arch_spec.json` (+ `meta.json`); the spec rebuilds it."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "arch_spec.json").unlink(missing_ok=True)  # incomplete until rewritten below
+    params = jax.tree.map(np.asarray, params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", jax.tree.map(np.asarray, params), force=True)
-    write_json_atomic(directory / "meta.json", meta)
+        ckptr.save(directory / "params", params, force=True)
+    write_json_atomic(directory / "meta.json", {**meta, "checksum": tree_checksum(params)})
     write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
+
+
+def is_complete_model(directory: str | os.PathLike, **expected: Any) -> bool:
+    """True if `directory` holds a finished `save_model` whose meta.json has every `expected` value."""
+    d = Path(directory)
+    if not (d / "arch_spec.json").exists():
+        return False
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
 
 
 def load_pruned(directory: str | os.PathLike):
@@ -156,26 +267,38 @@ def load_pruned(directory: str | os.PathLike):
     spec_file = directory / "arch_spec.json"
     if not spec_file.exists():
         raise CheckpointMismatch(
-            f"{directory} has no arch_spec.json: not a saved spp_jax model (or its save did not finish); "
-            "run launch/extract.py to create it"
+            f"{directory} has no arch_spec.json (not a saved spp_jax model, or its save did not finish); "
+            "point at a directory written by launch/extract.py or launch/finetune.py"
         )
-    arch_spec = json.loads(spec_file.read_text())
-    adapter = adapter_from_spec(arch_spec)
-    module = adapter.module(arch_spec)
+    redo = "re-run the extraction (launch/extract.py) or the fine-tune that wrote it"
+    try:
+        arch_spec = json.loads(spec_file.read_text())
+        meta_file = directory / "meta.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        adapter = adapter_from_spec(arch_spec)
+        module = adapter.module(arch_spec)
+        expected = adapter.arch_cost(arch_spec)[0]
+    except SPPError:
+        raise
+    except Exception as e:  # garbage JSON or a spec with missing/mistyped fields
+        raise CheckpointMismatch(
+            f"{directory}: arch_spec.json or meta.json is corrupt ({_unreadable(e)}); {redo}"
+        ) from None
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(directory / "params")
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise CheckpointMismatch(
-            f"{directory / 'params'} cannot be read ({type(e).__name__}): the save is corrupt or incomplete; "
-            "re-run the extraction (launch/extract.py) for this target"
-        ) from e
+            f"{directory / 'params'} cannot be read ({_unreadable(e)}), the save is corrupt or incomplete; "
+            f"{redo}"
+        ) from None
     params = jax.tree.map(np.asarray, params)
-    expected = adapter.arch_cost(arch_spec)[0]
     got = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     if got != expected:
         raise CheckpointMismatch(
-            f"{directory}: params hold {got} values but arch_spec.json describes {expected}; "
-            "the directory is corrupt or mixed, re-run the extraction"
+            f"{directory}: params hold {got} values but arch_spec.json describes {expected} (corrupt or "
+            f"mixed directory); {redo}"
         )
+    if isinstance(meta, Mapping) and "checksum" in meta and meta["checksum"] != tree_checksum(params):
+        raise CheckpointMismatch(f"{directory}: params do not match their checksum (corrupt data); {redo}")
     return module, params, arch_spec

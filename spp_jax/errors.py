@@ -23,3 +23,15 @@ class CheckpointMismatch(SPPError):
 
 class NonFiniteLoss(SPPError):
     """The loss became NaN/Inf: the run stops before writing a bad path point."""
+
+
+class Preempted(SPPError):
+    """The run was stopped by SIGTERM or SIGINT; everything saved so far is intact and a rerun resumes.
+
+    `signum` is the signal; `saved_step` the search step of the resume state written on the way out
+    (None when the stop came outside the search loop).
+    """
+
+    def __init__(self, message: str, signum: int, saved_step: int | None = None):
+        super().__init__(message)
+        self.signum, self.saved_step = signum, saved_step

@@ -59,3 +59,22 @@ class MetricWriter:
         row.update({k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def drop_after(self, stages: tuple[str, ...], step: int) -> None:
+        """Drop rows of `stages` past `step` and lines a kill cut short (a resumed run replays them)."""
+        if jax.process_index() != 0 or not self.path.exists():
+            return
+        kept, changed = [], False
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                drop = row.get("stage") in stages and row.get("step", 0) > step
+            except (ValueError, AttributeError):
+                drop = True
+            changed |= drop
+            if not drop:
+                kept.append(line)
+        if changed:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)

