@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import re
 import signal
 import sys
@@ -18,13 +19,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+
+def _stopped_early(signum: int, frame) -> None:
+    """SIGINT/SIGTERM before the run installs its own handlers (imports, checks): stop at once.
+
+    Nothing is half-written at this point that a SIGKILL would not also leave (every save is atomic), so
+    exiting without cleanup is safe, and it keeps a Ctrl-C during the imports from printing a traceback.
+    """
+    del frame
+    print(
+        f"[run] stopped by {signal.Signals(signum).name} before the run started; nothing is lost, "
+        "rerun the same command to continue",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(0 if signum == signal.SIGTERM else 128 + signum)
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_sig, _stopped_early)
+
+from absl import app, flags, logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from spp_jax.errors import ConfigError, Preempted, SPPError
+from spp_jax.errors import ConfigError, Preempted, SPPError  # noqa: E402
 
 FLAGS = flags.FLAGS
+_FLAG_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a tuple"}
 
 
@@ -34,8 +56,15 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().strip("'\"") or type(e).__name__
-    return text.splitlines()[0].rstrip(".")
+    text = str(e).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's quoted key
+        text = text[1:-1]
+    return (text or type(e).__name__).splitlines()[0].rstrip(".")
+
+
+def _is_flag(name: str) -> bool:
+    """`name` is a defined flag (or `no<bool flag>`)."""
+    return name in FLAGS or (name.startswith("no") and name[2:] in FLAGS)
 
 
 def _config_leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -76,6 +105,19 @@ def _diagnose(argv: list[str], error: Exception) -> str:
             if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
                 value = args[i + 1]  # `--flag value`
             values.setdefault(m.group(1), value)
+    for name in values:
+        if not name.startswith("config.") and not _is_flag(name):
+            head, dot, rest = name.partition(".")  # `--conifg.seed`: compare the flag part alone
+            close = difflib.get_close_matches(head, list(FLAGS), n=1, cutoff=0.6)
+            hint = f" (did you mean --{close[0]}{dot}{rest}?)" if close else ""
+            return f"unknown flag --{name}{hint}; run with --helpshort to see the flags"
+    bad = re.match(r"flag --(\w+)=(.*?): (.*)", str(error))
+    if bad and bad[1] in FLAGS:
+        want = _FLAG_KINDS.get(FLAGS[bad[1]].flag_type())
+        if want and re.match(r"invalid literal|could not convert|\(?'Non-boolean", bad[3]):
+            return f"--{bad[1]}={bad[2]} is not {want}; give {want}"
+        reason = bad[3].rstrip(".")
+        return f"--{bad[1]}={bad[2]} is not allowed ({reason}); run with --helpshort to see the flags"
     if values.get("config"):
         try:
             path, cfg = _load_config(values["config"])
@@ -102,8 +144,12 @@ def _diagnose(argv: list[str], error: Exception) -> str:
                 return (
                     f"--{name}={values[name]} is not {want}; give {want} ({path} sets {key}={leaves[key]!r})"
                 )
-    if "config" not in values and isinstance(error, flags.IllegalFlagValueError) and "config" in str(error):
+    overrides = any(name.startswith("config.") for name in values)
+    required = re.match(r"flag --([\w.]+)=None: Flag --\1 must have a value other than None", str(error))
+    if "config" not in values and "config" in FLAGS and (overrides or (required and required[1] == "config")):
         return "--config is required; e.g. --config configs/vit.py (or configs/vit.py:quick)"
+    if required:
+        return f"--{required[1]} is required; run with --helpshort to see the flags"
     return f"{_first_line(error)}; run with --helpshort to see the flags"
 
 
@@ -135,8 +181,6 @@ def run_main(main: Callable[[list[str]], None]) -> None:
             sys.exit(0 if e.signum == signal.SIGTERM else 128 + e.signum)
         except SPPError as e:
             fail(str(e))
-        except KeyboardInterrupt:  # Ctrl-C before the run installed its handlers
-            fail("interrupted before the run started; nothing was changed, rerun the command", 130)
 
     app.run(wrapped, flags_parser=parse_flags)
 

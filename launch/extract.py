@@ -11,6 +11,8 @@ Each model lands in WORKDIR/extracted/<target>/ and loads with spp_jax.load_prun
 from _common import load_run_config, run_main
 from absl import flags
 
+from spp_jax.errors import ConfigError
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.py.", required=True)
 _TARGETS = flags.DEFINE_multi_string("target", None, "Target(s) to extract.", required=True)
 _ROUND_TO = flags.DEFINE_integer("round_to", None, "Round kept dims to a multiple (default: the run's).")
@@ -23,6 +25,10 @@ def main(argv):
     from spp_jax.run_config import validate_config
     from spp_jax.workdir import Workdir
 
+    if _ROUND_TO.value is not None and _ROUND_TO.value < 1:
+        raise ConfigError(
+            f"--round_to={_ROUND_TO.value} is not allowed; use an integer >= 1 (e.g. 8 for GPU, 128 for TPU)"
+        )
     cfg = load_run_config(_WORKDIR.value)
     if _ROUND_TO.value is not None:
         cfg.extract.round_to = _ROUND_TO.value

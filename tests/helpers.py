@@ -36,3 +36,31 @@ def random_keep(spec, rng: np.random.Generator, p: float = 0.5) -> dict[str, np.
 
 def as_masks(keep) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v, jnp.float32) for k, v in keep.items()}
+
+
+def write_synthetic_fashion_mnist(directory) -> None:
+    """Fashion-MNIST-format IDX files whose class c images are bright in column block c (learnable, fast)."""
+    from spp_jax.data.fashion_mnist import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("t10k", 160)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, :, 2 * c : 2 * c + 6] += 150
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+
+
+def tree_snapshot(root) -> dict[str, str]:
+    """Relative path -> SHA-256 of the content (directories map to "dir"): equal snapshots, equal trees."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    if not root.exists():
+        return {}
+    return {
+        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }

@@ -13,23 +13,15 @@ import pytest
 
 from configs.vit import get_config
 from spp_jax import checkpoint, data, run
-from spp_jax.data.fashion_mnist import write_idx
 from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, UnreachableTarget
 from spp_jax.workdir import Workdir
+from tests.helpers import write_synthetic_fashion_mnist
 
 
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
-    """Synthetic IDX files: class c images are bright in column block c (learnable, fast)."""
     d = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 320), ("t10k", 160)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, :, 2 * c : 2 * c + 6] += 150
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    write_synthetic_fashion_mnist(d)
     return d
 
 
@@ -224,3 +216,33 @@ def test_config_json_round_trips(full_run):
     c, wd, _ = full_run
     saved = json.loads((wd / "config.json").read_text())
     assert saved["search"]["steps"] == c.search.steps
+
+
+def test_another_search_needs_fresh_search_and_keeps_the_old_one(cfg, tmp_path):
+    cfg.search.eval_points = False
+    wd = tmp_path / "wd"
+    run.run_all(cfg, wd, until="search")
+    old_points = checkpoint.PathStore(wd / "search" / "path").steps()
+    cfg.search.lr = 0.1
+    msg = r"search\.lr=0\.3, this config has search\.lr=0\.1; rerun with --fresh_search"
+    with pytest.raises(CheckpointMismatch, match=msg):
+        run.run_all(cfg, wd, until="search")
+    run.run_all(cfg, wd, fresh_search=True, until="search")
+    (moved,) = (wd / "discarded").iterdir()
+    assert checkpoint.PathStore(moved / "search" / "path").steps() == old_points  # nothing deleted
+    assert (wd / "results" / "dense.json").exists()  # the dense model is kept
+    assert json.loads((wd / "run.json").read_text())["search"]["lr"] == 0.1
+    new = checkpoint.PathStore(wd / "search" / "path")
+    old = checkpoint.PathStore(moved / "search" / "path")
+    last = cfg.search.steps
+    assert new.steps()[-1] == last
+    assert not np.array_equal(new.arrays(last)["z"]["mlp"], old.arrays(last)["z"]["mlp"])  # another lr
+
+
+def test_changed_search_setting_is_taken_while_the_search_has_no_progress(cfg, tmp_path):
+    cfg.search.eval_points = False
+    with pytest.raises(NonFiniteLoss, match="--fresh_search"):
+        _search(cfg, tmp_path, nan_at=1)  # stops before any path point or resume state
+    cfg.search.lr = 0.1  # the advice: a lower lr; no flag is needed while nothing was searched
+    run.run_all(cfg, tmp_path, until="search")
+    assert checkpoint.PathStore(tmp_path / "search" / "path").steps()[-1] == cfg.search.steps

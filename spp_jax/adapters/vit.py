@@ -72,7 +72,9 @@ class ViTAdapter:
     def __post_init__(self):
         bad = [g for g in self.groups if g not in GROUPS]
         if bad or not self.groups:
-            raise ConfigError(f"mask groups {list(self.groups)}: choose a non-empty subset of {GROUPS}")
+            raise ConfigError(
+                f"mask groups {list(self.groups)} are not a non-empty subset of {GROUPS}; choose from those"
+            )
 
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
@@ -157,7 +159,7 @@ class ViTAdapter:
         for i in range(c.depth):
             name = f"encoderblock_{i}"
             if name not in params:
-                raise CheckpointMismatch(f"params have no {name}: not a depth-{c.depth} ViT")
+                raise CheckpointMismatch(f"params have no {name}; they are not a depth-{c.depth} ViT")
             block, dims = self._slice_block(params[name], keep, mvals, i)
             new[name] = block
             layers.append(dims)

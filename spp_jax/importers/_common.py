@@ -27,7 +27,7 @@ def load_flat(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         return {str(k): to_numpy(v) for k, v in path_or_dict.items()}
     path = os.fspath(path_or_dict)
     if not os.path.exists(path):
-        raise CheckpointMismatch(f"checkpoint file {path!r} does not exist: check the path")
+        raise CheckpointMismatch(f"checkpoint file {path!r} does not exist; check the path")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
@@ -35,7 +35,9 @@ def load_flat(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: to_numpy(z[k]) for k in z.files}
-    raise CheckpointMismatch(f"checkpoint {path!r}: unsupported format, use a .safetensors or .npz file")
+    raise CheckpointMismatch(
+        f"checkpoint {path!r} has an unsupported format; use a .safetensors or .npz file"
+    )
 
 
 class KeyReader:
@@ -53,13 +55,13 @@ class KeyReader:
         """The array `key`, which must have `shape` (the shape the config expects)."""
         if key not in self.flat:
             raise CheckpointMismatch(
-                f"{self.source}: missing key {key!r} (expected an array of shape {shape}): "
+                f"{self.source}: missing key {key!r} (expected an array of shape {shape}); "
                 "the checkpoint does not match the config"
             )
         arr = self.flat[key]
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointMismatch(
-                f"{self.source}: {key!r} has shape {tuple(arr.shape)} but the config expects {tuple(shape)}: "
+                f"{self.source}: {key!r} has shape {tuple(arr.shape)} but the config expects {tuple(shape)}; "
                 "fix the config (width, heads, mlp_dim, patch, posemb grid, num_classes)"
             )
         self.used.add(key)
@@ -74,7 +76,7 @@ class KeyReader:
         left = sorted(set(self.flat) - self.used)
         if left:
             raise CheckpointMismatch(
-                f"{self.source}: unexpected key {left[0]!r} ({len(left)} unused in all): "
+                f"{self.source}: unexpected key {left[0]!r} ({len(left)} unused in all); "
                 "the checkpoint has parts this ViT config does not model"
             )
 

@@ -52,7 +52,7 @@ def load_big_vision_npz(path: str | os.PathLike | Mapping[str, Any], config: ViT
     """
     c = config
     if c.layerscale:
-        raise ConfigError("big_vision ViTs have no LayerScale: set layerscale=False")
+        raise ConfigError("big_vision ViTs have no LayerScale; set layerscale=False")
     flat = {k.removeprefix("params/"): v for k, v in load_flat(path).items()}
     flat = _unscan(flat, c.depth)
     d, h, hd, p, m = c.width, c.num_heads, c.head_dim, c.patch_size, c.mlp_dim
@@ -73,7 +73,9 @@ def load_big_vision_npz(path: str | os.PathLike | Mapping[str, Any], config: ViT
     if c.cls_token:
         params["cls"] = r.take("cls", (1, 1, d))
     elif c.pool != "gap":
-        raise ConfigError("a big_vision model without cls token needs pool='gap'")
+        raise ConfigError(
+            "a big_vision model without cls token has nothing to pool but tokens; set pool='gap'"
+        )
     for i in range(c.depth):
         pre = f"Transformer/encoderblock_{i}/"
         mha = pre + "MultiHeadDotProductAttention_0/"

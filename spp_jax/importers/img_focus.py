@@ -91,7 +91,8 @@ def read_backbone_state_dict(path: str | None = None) -> dict[str, np.ndarray]:
         ]
         if len(biases) != 1:
             raise CheckpointMismatch(
-                f"{path}: cannot name MatMul weight {weights[0]!r}: no single *.bias Add"
+                f"{path}: cannot name MatMul weight {weights[0]!r} (no single *.bias Add); "
+                f"reinstall it (`{INSTALL}`)"
             )
         out[biases[0][len(PREFIX) : -len(".bias")] + ".weight"] = to_numpy(
             numpy_helper.to_array(inits[weights[0]])

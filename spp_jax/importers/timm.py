@@ -36,7 +36,7 @@ def timm_config(name: str, num_classes: int = 1000, **overrides: Any) -> ViTConf
     match = _NAME.match(name)
     if match is None:
         raise ConfigError(
-            f"timm model {name!r} not supported: use (vit|deit|deit3)_(tiny|small|base|large)_patchP_RES "
+            f"timm model {name!r} not supported; use (vit|deit|deit3)_(tiny|small|base|large)_patchP_RES "
             "(distilled, gap/map-pooled and hybrid models are not)"
         )
     family, size, patch, res = match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
@@ -67,7 +67,9 @@ def load_timm_vit(path_or_state_dict: str | os.PathLike | Mapping[str, Any], con
     """
     c = config
     if not c.cls_token or c.pool != "cls":
-        raise ConfigError("load_timm_vit supports timm's cls-token models with pool='cls'")
+        raise ConfigError(
+            "load_timm_vit reads timm's cls-token models only; use cls_token=True and pool='cls'"
+        )
     sd = load_flat(path_or_state_dict)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     d, h, hd, p, m = c.width, c.num_heads, c.head_dim, c.patch_size, c.mlp_dim

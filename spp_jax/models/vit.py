@@ -80,14 +80,19 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.width % self.num_heads:
-            raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.pool not in ("cls", "gap", "cls+gap"):
-            raise ConfigError(f"pool={self.pool!r}: use 'cls', 'gap' or 'cls+gap'")
-        if "cls" in self.pool and not self.cls_token:
-            raise ConfigError(f"pool={self.pool!r} needs cls_token=True")
-        if self.image_size % self.patch_size:
             raise ConfigError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"width {self.width} is not divisible by num_heads {self.num_heads}; "
+                "use a width that is a multiple of num_heads"
+            )
+        if self.pool not in ("cls", "gap", "cls+gap"):
+            raise ConfigError(f"pool={self.pool!r} is not a pooling; use 'cls', 'gap' or 'cls+gap'")
+        if "cls" in self.pool and not self.cls_token:
+            raise ConfigError(f"pool={self.pool!r} reads the cls token; set cls_token=True or pool='gap'")
+        if self.image_size % self.patch_size:
+            p = self.patch_size
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {p}; "
+                f"use a multiple of {p}, e.g. {max(1, round(self.image_size / p)) * p}"
             )
 
     @property
@@ -134,7 +139,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def vit_config(variant: str, **overrides: Any) -> ViTConfig:
     """The config of a named variant ("mu", "Ti/16", "S/16", "B/16", "dinov2-S/14") with overrides."""
     if variant not in VARIANTS:
-        raise ConfigError(f"unknown ViT variant {variant!r}: choose one of {sorted(VARIANTS)}")
+        raise ConfigError(f"unknown ViT variant {variant!r}; choose one of {sorted(VARIANTS)}")
     kw = dict(VARIANTS[variant])
     kw.update(overrides)
     if "posemb_grid" not in VARIANTS[variant] and "posemb_grid" not in overrides:
@@ -307,12 +312,16 @@ class VisionTransformer(nn.Module):
         c = self.config
         layers = self.layers if self.layers is not None else c.dense_layers()
         if len(layers) != c.depth:
-            raise ConfigError(f"{len(layers)} layer dims given for a depth-{c.depth} model")
+            raise ConfigError(
+                f"{len(layers)} layer dims given for a depth-{c.depth} model; give one per layer"
+            )
         masks = {} if masks is None else masks
         p = c.patch_size
         b, hgt, wid, _ = images.shape
         if hgt % p or wid % p or hgt != wid:
-            raise ConfigError(f"input {hgt}x{wid} must be square and a multiple of patch {p}")
+            raise ConfigError(
+                f"input {hgt}x{wid} is not square or not a multiple of patch {p}; resize the images"
+            )
         x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
         grid = hgt // p
         x = x.reshape(b, grid * grid, c.width)
