@@ -35,13 +35,26 @@ MODES = {
 }
 
 
+def _quantile_ranks(rng: np.random.Generator, group) -> np.ndarray:
+    n = group.num_entries
+    return ((rng.permutation(n) + 0.5) / n).reshape(group.shape).astype(np.float32)
+
+
 def random_baseline(cfg, adapter, params, eval_src, targets, base: Path) -> dict[str, float]:
-    """Accuracy of the same targets selected from a random ranking (a fake path record)."""
+    """Accuracy of the same targets selected from a random ranking (a fake path record).
+
+    Each entry's rank is its quantile inside its own group, so every prefix of the global ranking keeps
+    about the same fraction of every group (comparing raw per-group permutation ranks globally would put
+    every qk/vo entry, ranks < 64 per layer, ahead of almost every mlp entry: MLP-only pruning).
+    """
     rng = np.random.default_rng(0)
     spec = adapter.mask_spec()
     record = {
         "t_in": {
-            g.name: rng.permutation(g.num_entries).reshape(g.shape).astype(np.float32) for g in spec.groups
+            g.name: ((rng.permutation(g.num_entries) + 0.5) / g.num_entries)
+            .reshape(g.shape)
+            .astype(np.float32)
+            for g in spec.groups
         },
         "steps_in_support": {g.name: np.zeros(g.shape, np.int32) for g in spec.groups},
         "z": {g.name: np.zeros(g.shape, np.float32) for g in spec.groups},

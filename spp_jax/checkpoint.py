@@ -71,10 +71,10 @@ def _remove_unfinished(directory: Path) -> None:
 def _manager(directory: Path, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
     if not read_only:
         _remove_unfinished(directory)
+    # Readers never create, clean or delete (orbax's own read_only mode logs a warning per store).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only,
-    )  # fmt: skip
+        max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
