@@ -1,8 +1,9 @@
 """The adapter protocol: what path, selection and extraction code may ask of an architecture.
 
 An adapter declares the mask groups (`mask_spec`), builds the Flax module for the dense or any pruned
-shape (`module`), slices a param tree for a keep-set (`extract`, algorithm.md §5) and counts the params and
-MACs of an architecture spec (`arch_cost`). Architecture specs are JSON dicts with an "arch" key naming the
+shape (`module`), slices a param tree for a keep-set (`extract`, algorithm.md §5), counts the params and
+MACs of an architecture spec (`arch_cost`) and names the weight slices of each entry for the magnitude
+baseline (`entry_weight_norms`). Architecture specs are JSON dicts with an "arch" key naming the
 adapter, so a saved pruned model can be rebuilt from its spec alone.
 """
 
@@ -36,6 +37,11 @@ class Adapter(Protocol):
     ) -> tuple[Params, ArchSpec]: ...
 
     def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]: ...
+
+    def entry_weight_norms(self, params: Params) -> dict[str, Any]:
+        """Per mask entry ([depth, size] per group), the product of the norms of the weight slices it owns
+        (the magnitude baseline, spp_jax.baselines)."""
+        ...
 
 
 _REGISTRY: dict[str, Callable[[ArchSpec], Adapter]] = {}

@@ -124,6 +124,26 @@ class ViTAdapter:
             "layers": layers_to_json(layers),
         }
 
+    def entry_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
+        """Per entry, the product of the L2 norms of the two weight slices it owns ([depth, size]):
+        qk j: W_q[:, :, j] and W_k[:, :, j] (all heads); vo j: W_v[:, :, j] and W_o[:, j, :];
+        mlp j: fc1[:, j] and fc2[j, :]; heads h: W_v[:, h, :] and W_o[h, :, :]."""
+        norm = lambda w, axes: np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
+        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
+        for i in range(self.config.depth):
+            attn, mlp = params[f"encoderblock_{i}"]["attn"], params[f"encoderblock_{i}"]["mlp"]
+            v, o = attn["value"]["kernel"], attn["out"]["kernel"]  # [D, H, hd], [H, hd, D]
+            per = {
+                "qk": (attn["query"]["kernel"], (0, 1), attn["key"]["kernel"], (0, 1)),
+                "vo": (v, (0, 1), o, (0, 2)),
+                "mlp": (mlp["fc1"]["kernel"], 0, mlp["fc2"]["kernel"], 1),
+                "heads": (v, (0, 2), o, (1, 2)),
+            }
+            for g in self.groups:
+                a, a_axes, b, b_axes = per[g]
+                rows[g].append(norm(a, a_axes) * norm(b, b_axes))
+        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
     # -- slicing -----------------------------------------------------------------------------------
     def normalize_keep(self, keep: KeepSet) -> KeepSet:
         """Drop entries that no longer affect the function: qk (and vo) of a layer whose attention

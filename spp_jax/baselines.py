@@ -1,0 +1,125 @@
+"""One-shot importance scores (the baselines a path must beat) and allocation rules, as path records.
+
+A ranking in spp_jax is a *record*: per mask group, `t_in`, `steps_in_support` and `z` arrays of shape
+`[depth, size]`, ranked by t_in ascending, then steps in support descending, then z descending, then index
+(`selection.rank_entries`). A one-shot score s (higher = more important) becomes the record
+`{t_in: 0, steps_in_support: 0, z: s}`, so `select_subnetwork`, extraction and the launch scripts take a
+baseline exactly like a path point (`score_record`).
+
+Scores, per entry i of the mask vector M (all masks 1, the dense model), over batches b:
+
+    random      u_i ~ U(0, 1), i.i.d. (seeded)
+    magnitude   the product of the norms of the weight slices entry i owns (`Adapter.entry_weight_norms`)
+    taylor      | sum_b g_{b,i} |,   g_b = dL_b/dM at M = 1   first-order loss change when M_i: 1 -> 0
+    fisher      sum_b g_{b,i}^2                               diagonal empirical Fisher, second order
+
+Taylor and Fisher need only the mask gradients, so every architecture whose adapter declares mask groups
+gets them; magnitude needs the adapter to name an entry's weight slices.
+
+Allocation rules say how entries of different groups compete for one budget (`allocate`):
+
+    global      the record's own order (SPP: the path order; baselines: raw scores across groups)
+    per_group   each entry is ranked by its quantile inside its group, (rank + 1/2) / group size, so every
+                prefix keeps about the same fraction of every group; within a group the order is kept
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from spp_jax import selection
+from spp_jax.errors import ConfigError
+from spp_jax.groups import MaskSpec
+from spp_jax.search import classification_loss
+
+SCORES = ("random", "magnitude", "taylor", "fisher")
+RANKINGS = ("path", *SCORES)
+ALLOCATIONS = ("global", "per_group")
+
+ArrayTree = Mapping[str, Any]
+
+
+def score_record(spec: MaskSpec, scores: ArrayTree) -> dict[str, dict[str, np.ndarray]]:
+    """A path-record-shaped ranking of `scores` (group -> [depth, size], higher = more important)."""
+    spec.check_masks(scores)
+    z = {g.name: np.asarray(scores[g.name], np.float32) for g in spec.groups}
+    if any(not np.isfinite(v).all() for v in z.values()):
+        raise ConfigError("importance scores hold NaN/Inf; check the model and data they were computed on")
+    zeros = lambda dt: {g.name: np.zeros(g.shape, dt) for g in spec.groups}
+    return {"t_in": zeros(np.float32), "steps_in_support": zeros(np.int32), "z": z}
+
+
+def allocate(spec: MaskSpec, record: Any, rule: str = "global") -> Any:
+    """The record re-ranked by an allocation rule (module docstring); "global" returns it unchanged."""
+    if rule not in ALLOCATIONS:
+        raise ConfigError(f"allocation {rule!r} is unknown; use one of {ALLOCATIONS}")
+    if rule == "global":
+        return record
+    get = lambda name: record[name] if isinstance(record, Mapping) else getattr(record, name)
+    pos = selection.rank_positions(spec, get("t_in"), get("steps_in_support"), get("z"))
+    quantile = {}
+    for g in spec.groups:
+        inside = np.empty(g.num_entries, np.float64)
+        inside[np.argsort(pos[g.name].reshape(-1), kind="stable")] = np.arange(g.num_entries)
+        quantile[g.name] = ((inside + 0.5) / g.num_entries).reshape(g.shape).astype(np.float32)
+    zeros = lambda dt: {g.name: np.zeros(g.shape, dt) for g in spec.groups}
+    return {"t_in": quantile, "steps_in_support": zeros(np.int32), "z": zeros(np.float32)}
+
+
+def mask_gradients(
+    apply_fn: Callable,
+    spec: MaskSpec,
+    params: Any,
+    batches: Iterable[Mapping[str, Any]],
+    loss_fn: Callable = classification_loss,
+) -> Iterable[dict[str, np.ndarray]]:
+    """dL_b/dM at M = 1 for each batch b (one jitted gradient per batch; no weight gradient is formed)."""
+
+    @jax.jit
+    def grad(params, masks, batch):
+        def loss(m):
+            logits = apply_fn({"params": params}, batch["image"], masks=m, train=False)
+            return loss_fn(logits, batch["label"])[0]
+
+        return jax.grad(loss)(masks)
+
+    ones = spec.init_masks()
+    for batch in batches:
+        yield jax.tree.map(np.asarray, grad(params, ones, batch))
+
+
+def importance_scores(
+    name: str,
+    spec: MaskSpec,
+    *,
+    adapter: Any = None,
+    params: Any = None,
+    batches: Iterable[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    loss_fn: Callable = classification_loss,
+) -> dict[str, np.ndarray]:
+    """Per-entry scores of baseline `name` (module docstring); `batches` for taylor and fisher."""
+    if name == "random":
+        rng = np.random.default_rng(seed)
+        return {g.name: rng.random(g.shape).astype(np.float32) for g in spec.groups}
+    if name == "magnitude":
+        if adapter is None or params is None:
+            raise ConfigError("the magnitude score needs the adapter and the dense params")
+        return {k: np.asarray(v, np.float32) for k, v in adapter.entry_weight_norms(params).items()}
+    if name in ("taylor", "fisher"):
+        if adapter is None or params is None or batches is None:
+            raise ConfigError(f"the {name} score needs the adapter, the dense params and data batches")
+        total = {g.name: np.zeros(g.shape, np.float64) for g in spec.groups}
+        n = 0
+        for grads in mask_gradients(adapter.module().apply, spec, params, batches, loss_fn):
+            for k in total:
+                total[k] += grads[k] if name == "taylor" else np.square(grads[k], dtype=np.float64)
+            n += 1
+        if n == 0:
+            raise ConfigError(f"the {name} score got no data batches; give at least one")
+        return {k: (np.abs(v) if name == "taylor" else v).astype(np.float32) for k, v in total.items()}
+    raise ConfigError(f"ranking {name!r} is unknown; use one of {RANKINGS}")
