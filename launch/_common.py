@@ -99,11 +99,11 @@ def _diagnose(argv: list[str], error: Exception) -> str:
     """Explain a flag-parsing failure in one line (config file, preset, override key or value)."""
     values, args = {}, argv[1:]
     for i, a in enumerate(args):
-        m = re.match(r"--?([\w.]+)(?:=(.*))?$", a)
+        m = re.match(r"--?([A-Za-z_][\w.]*)(?:=(.*))?$", a)
         if m:
             value = m.group(2)
-            if value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
-                value = args[i + 1]  # `--flag value`
+            if value is None and i + 1 < len(args) and not re.match(r"-[A-Za-z_]", args[i + 1]):
+                value = args[i + 1]  # `--flag value` (also `--flag -1`)
             values.setdefault(m.group(1), value)
     for name in values:
         if not name.startswith("config.") and not _is_flag(name):
@@ -111,8 +111,14 @@ def _diagnose(argv: list[str], error: Exception) -> str:
             close = difflib.get_close_matches(head, list(FLAGS), n=1, cutoff=0.6)
             hint = f" (did you mean --{close[0]}{dot}{rest}?)" if close else ""
             return f"unknown flag --{name}{hint}; run with --helpshort to see the flags"
+    overrides = any(name.startswith("config.") for name in values)
+    required = re.match(r"flag --([\w.]+)=None: Flag --\1 must have a value other than None", str(error))
+    if "config" not in values and "config" in FLAGS and (overrides or (required and required[1] == "config")):
+        return "--config is required; e.g. --config configs/vit.py (or configs/vit.py:quick)"
+    if required:
+        return f"--{required[1]} is required; run with --helpshort to see the flags"
     bad = re.match(r"flag --(\w+)=(.*?): (.*)", str(error))
-    if bad and bad[1] in FLAGS:
+    if bad and bad[1] in FLAGS and bad[1] != "config":
         want = _FLAG_KINDS.get(FLAGS[bad[1]].flag_type())
         if want and re.match(r"invalid literal|could not convert|\(?'Non-boolean", bad[3]):
             return f"--{bad[1]}={bad[2]} is not {want}; give {want}"
@@ -144,12 +150,6 @@ def _diagnose(argv: list[str], error: Exception) -> str:
                 return (
                     f"--{name}={values[name]} is not {want}; give {want} ({path} sets {key}={leaves[key]!r})"
                 )
-    overrides = any(name.startswith("config.") for name in values)
-    required = re.match(r"flag --([\w.]+)=None: Flag --\1 must have a value other than None", str(error))
-    if "config" not in values and "config" in FLAGS and (overrides or (required and required[1] == "config")):
-        return "--config is required; e.g. --config configs/vit.py (or configs/vit.py:quick)"
-    if required:
-        return f"--{required[1]} is required; run with --helpshort to see the flags"
     return f"{_first_line(error)}; run with --helpshort to see the flags"
 
 

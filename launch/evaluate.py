@@ -12,11 +12,12 @@ _MODELS = flags.DEFINE_multi_string("model_dir", None, "Saved model directories.
 
 def main(argv):
     del argv
+    cfg = load_run_config(_WORKDIR.value)
+    # the heavy imports only once the workdir is known to be one
     import jax
 
     from spp_jax import checkpoint, run
 
-    cfg = load_run_config(_WORKDIR.value)
     _, eval_src = run.sources(cfg)
     loaded = {d: checkpoint.load_pruned(d) for d in _MODELS.value}  # every directory checked first
     for d, (_, params, _) in loaded.items():

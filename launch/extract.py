@@ -21,15 +21,16 @@ _FOLD = flags.DEFINE_bool("fold_masks", None, "Fold mask values into kept weight
 
 def main(argv):
     del argv
-    from spp_jax import checkpoint, run
-    from spp_jax.run_config import validate_config
-    from spp_jax.workdir import Workdir
-
     if _ROUND_TO.value is not None and _ROUND_TO.value < 1:
         raise ConfigError(
             f"--round_to={_ROUND_TO.value} is not allowed; use an integer >= 1 (e.g. 8 for GPU, 128 for TPU)"
         )
     cfg = load_run_config(_WORKDIR.value)
+    # the heavy imports only once the workdir is known to be one
+    from spp_jax import checkpoint, run
+    from spp_jax.run_config import validate_config
+    from spp_jax.workdir import Workdir
+
     if _ROUND_TO.value is not None:
         cfg.extract.round_to = _ROUND_TO.value
     if _FOLD.value is not None:

@@ -24,12 +24,13 @@ _DISTILL = flags.DEFINE_bool("distill", None, "Distil from the dense model (defa
 
 def main(argv):
     del argv
-    from spp_jax import checkpoint, preemption, run
-    from spp_jax.workdir import Workdir
-
     if _STEPS.value is not None and _STEPS.value < 1:
         raise ConfigError(f"--steps={_STEPS.value} is not allowed; use an integer >= 1")
     cfg = load_run_config(_WORKDIR.value)
+    # the heavy imports only once the workdir is known to be one
+    from spp_jax import checkpoint, preemption, run
+    from spp_jax.workdir import Workdir
+
     if _DISTILL.value is not None:
         cfg.finetune.distill = _DISTILL.value
     wd = Workdir(_WORKDIR.value)

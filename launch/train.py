@@ -36,6 +36,9 @@ def main(argv):
 
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
+    from spp_jax.run_config import validate_config
+
+    validate_config(_CONFIG.value)  # before the heavy imports of spp_jax.run: a bad value fails in ~1 s
     from spp_jax import run
 
     workdir = _WORKDIR.value or str(Path("workdirs") / Path(FLAGS["config"].config_filename).stem)

