@@ -75,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.extract.targets = ("params:0.3", "params:0.5", "params:0.7")
     c.extract.round_to = 1  # 8 for GPU, 128 for TPU lanes
     c.extract.fold_masks = False
+    # Which ranking picks the sub-networks: "path" (the SPP search) or a one-shot baseline (random,
+    # magnitude, taylor, fisher; spp_jax/baselines.py), and how groups share a budget (global, per_group).
+    c.extract.ranking = "path"
+    c.extract.allocation = "global"
+    c.extract.score_batches = 32  # batches of search data for the taylor / fisher scores
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 100

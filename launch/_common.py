@@ -200,11 +200,23 @@ def load_run_config(workdir: str):
     if not f.exists():
         raise ConfigError(f"{f} not found; point --workdir at a directory made by launch/train.py")
     try:
-        cfg = ml_collections.ConfigDict(json.loads(f.read_text()))
+        saved = json.loads(f.read_text())
+        cfg = ml_collections.ConfigDict(saved)
     except (ValueError, TypeError) as e:
         raise ConfigError(
             f"{f} is not a valid config ({_first_line(e)}); rerun launch/train.py with this --workdir "
             "to rewrite it"
         ) from None
+    _add_missing(cfg, _load_config(str(Path(__file__).resolve().parents[1] / "configs" / "vit.py"))[1])
     validate_config(cfg)
     return cfg
+
+
+def _add_missing(cfg, defaults) -> None:
+    """Keys added to configs/vit.py after a workdir was made take their defaults (older workdirs load)."""
+    for key, value in defaults.items():
+        if key not in cfg:
+            with cfg.unlocked():
+                cfg[key] = value
+        elif hasattr(value, "items") and hasattr(cfg[key], "items"):
+            _add_missing(cfg[key], value)

@@ -1,11 +1,15 @@
-r"""Extract any target from an existing workdir's solution path (no re-search).
+r"""Extract any target from an existing workdir's solution path (no re-search), or from a baseline.
 
   python launch/extract.py --workdir workdirs/vit_fmnist --target params:0.4 --target flops:0.5 \
-      [--round_to 8] [--fold_masks]
+      [--round_to 8] [--fold_masks] [--ranking fisher] [--allocation per_group]
 
 Targets: params:F (fraction of block params), flops:F (fraction of total FLOPs), groups:F or
 groups:qk=F,vo=F,mlp=F (fraction of entries per group), step:N (support of Gamma at path point N).
-Each model lands in WORKDIR/extracted/<target>/ and loads with spp_jax.load_pruned(dir).
+--ranking picks the ranking: path (the search), or a one-shot baseline computed on the dense model
+(random, magnitude, taylor, fisher; spp_jax/baselines.py); --allocation how groups share a budget
+(global: one ranking over all groups, per_group: the same fraction of every group).
+Each model lands in WORKDIR/extracted/<target>/ (for a baseline or per_group:
+extracted/<ranking>_<target>[_per_group]/) and loads with spp_jax.load_pruned(dir).
 """
 
 from _common import load_run_config, run_main
@@ -17,6 +21,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.
 _TARGETS = flags.DEFINE_multi_string("target", None, "Target(s) to extract.", required=True)
 _ROUND_TO = flags.DEFINE_integer("round_to", None, "Round kept dims to a multiple (default: the run's).")
 _FOLD = flags.DEFINE_bool("fold_masks", None, "Fold mask values into kept weights (default: the run's).")
+_RANKING = flags.DEFINE_enum(
+    "ranking", None, ["path", "random", "magnitude", "taylor", "fisher"], "Ranking (default: the run's)."
+)
+_ALLOCATION = flags.DEFINE_enum(
+    "allocation", None, ["global", "per_group"], "How groups share a budget (default: the run's)."
+)
 
 
 def main(argv):
@@ -35,12 +45,15 @@ def main(argv):
         cfg.extract.round_to = _ROUND_TO.value
     if _FOLD.value is not None:
         cfg.extract.fold_masks = _FOLD.value
+    for key, flag in (("ranking", _RANKING), ("allocation", _ALLOCATION)):
+        if flag.value is not None:
+            cfg.extract[key] = flag.value
     validate_config(cfg)
     wd = Workdir(_WORKDIR.value)
-    _, eval_src = run.sources(cfg)
+    train_src, eval_src = run.sources(cfg)
     _, params, _ = checkpoint.load_pruned(wd.path / "dense")
     adapter = run.build_adapter(cfg)
-    run.extract_targets(cfg, wd, adapter, params, eval_src, _TARGETS.value)  # logs one line per model
+    run.extract_targets(cfg, wd, adapter, params, eval_src, _TARGETS.value, train_src)  # logs each model
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import numpy as np
 from spp_jax import selection
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
-from spp_jax.search import classification_loss
 
 SCORES = ("random", "magnitude", "taylor", "fisher")
 RANKINGS = ("path", *SCORES)
@@ -75,9 +74,14 @@ def mask_gradients(
     spec: MaskSpec,
     params: Any,
     batches: Iterable[Mapping[str, Any]],
-    loss_fn: Callable = classification_loss,
+    loss_fn: Callable | None = None,
 ) -> Iterable[dict[str, np.ndarray]]:
-    """dL_b/dM at M = 1 for each batch b (one jitted gradient per batch; no weight gradient is formed)."""
+    """dL_b/dM at M = 1 for each batch b (one jitted gradient per batch; no weight gradient is formed).
+
+    `loss_fn(logits, labels) -> (loss, aux)`; None = softmax cross-entropy (search.classification_loss).
+    """
+    if loss_fn is None:
+        from spp_jax.search import classification_loss as loss_fn
 
     @jax.jit
     def grad(params, masks, batch):
@@ -100,7 +104,7 @@ def importance_scores(
     params: Any = None,
     batches: Iterable[Mapping[str, Any]] | None = None,
     seed: int = 0,
-    loss_fn: Callable = classification_loss,
+    loss_fn: Callable | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-entry scores of baseline `name` (module docstring); `batches` for taylor and fisher."""
     if name == "random":

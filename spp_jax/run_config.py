@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import optax
 
-from spp_jax import selection
+from spp_jax import baselines, selection
 from spp_jax import spp as spp_lib
 from spp_jax.errors import ConfigError
 
@@ -69,6 +69,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "search.eval_points": _bool,
     "extract.round_to": _positive_int,
     "extract.fold_masks": _bool,
+    "extract.ranking": (lambda v: v in baselines.RANKINGS, f"one of {baselines.RANKINGS}"),
+    "extract.allocation": (lambda v: v in baselines.ALLOCATIONS, f"one of {baselines.ALLOCATIONS}"),
+    "extract.score_batches": _positive_int,
     "finetune.steps": _positive_int,
     "finetune.batch_size": _positive_int,
     "finetune.lr": _positive,

@@ -212,6 +212,26 @@ def test_extract_script_picks_a_new_target_without_searching(full_run):
     assert bad.returncode != 0 and "no path point at step 99999" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_extract_script_takes_a_baseline_ranking_and_allocation(full_run):
+    c, wd, _ = full_run
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, str(root / "launch" / "extract.py"), f"--workdir={wd}", "--target=params:0.5",
+         "--ranking=fisher", "--allocation=per_group"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = wd / "extracted" / "fisher_params_0.5_per_group"
+    module, params, arch = checkpoint.load_pruned(d)
+    meta = json.loads((d / "meta.json").read_text())
+    assert (meta["ranking"], meta["allocation"]) == ("fisher", "per_group")
+    kept = {g: s_["fraction"] for g, s_ in meta["summary"]["groups"].items()}
+    assert max(kept.values()) - min(kept.values()) < 0.1  # per_group: about the same fraction of each group
+    path_arch = checkpoint.load_pruned(wd / "extracted" / "params_0.5")[2]
+    assert arch["layers"] != path_arch["layers"]  # another ranking, another sub-network
+
+
 def test_config_json_round_trips(full_run):
     c, wd, _ = full_run
     saved = json.loads((wd / "config.json").read_text())
