@@ -189,7 +189,7 @@ def load_run_config(workdir: str):
     """The config a workdir was made with (config.json), validated; an SPPError names what is wrong."""
     import ml_collections
 
-    from spp_jax.run_config import validate_config
+    from spp_jax.run_config import add_missing_keys, validate_config
 
     d = Path(workdir)
     f = d / "config.json"
@@ -207,16 +207,6 @@ def load_run_config(workdir: str):
             f"{f} is not a valid config ({_first_line(e)}); rerun launch/train.py with this --workdir "
             "to rewrite it"
         ) from None
-    _add_missing(cfg, _load_config(str(Path(__file__).resolve().parents[1] / "configs" / "vit.py"))[1])
+    add_missing_keys(cfg, _load_config(str(Path(__file__).resolve().parents[1] / "configs" / "vit.py"))[1])
     validate_config(cfg)
     return cfg
-
-
-def _add_missing(cfg, defaults) -> None:
-    """Keys added to configs/vit.py after a workdir was made take their defaults (older workdirs load)."""
-    for key, value in defaults.items():
-        if key not in cfg:
-            with cfg.unlocked():
-                cfg[key] = value
-        elif hasattr(value, "items") and hasattr(cfg[key], "items"):
-            _add_missing(cfg[key], value)

@@ -106,6 +106,17 @@ def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
     return node
 
 
+def add_missing_keys(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict) -> None:
+    """Give `cfg` (e.g. a workdir's saved config.json) every key of `defaults` it lacks: keys added to
+    configs/vit.py after a workdir was made take their defaults, so older workdirs still load."""
+    for key, value in defaults.items():
+        if key not in cfg:
+            with cfg.unlocked():
+                cfg[key] = value
+        elif hasattr(value, "items") and hasattr(cfg[key], "items"):
+            add_missing_keys(cfg[key], value)
+
+
 def make_mask_tx(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The SPP transform of `cfg.search` (None fields take the mode's defaults, spp_jax.spp.spp)."""
     s = cfg.search
