@@ -43,17 +43,18 @@ FORMS = {
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def spp_record(cfg, name: str, seed: int, base: Path, adapter, params, train_src, eval_src) -> dict:
-    """Final path point of a search with seed `seed` (reused if WORKDIR/quality/<name>/seed<s> holds it)."""
+def spp_record(cfg, name: str, seed: int, base: Path, adapter, params, train_src, eval_src):
+    """(final path point, search seconds) of a search with seed `seed`; a finished search in
+    WORKDIR/quality/<name>/seed<s> is reused with the seconds it took then."""
     c = ml_collections.ConfigDict(cfg.to_dict())
     with c.unlocked():
         c.seed = seed
         c.search.update(FORMS.get(name, {}))
         c.search.eval_points = False
     wd = Workdir(base / "quality" / name / f"seed{seed}").create()
-    run.stage_search(c, wd, adapter, params, train_src, eval_src)
+    result = run.stage_search(c, wd, adapter, params, train_src, eval_src)
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
-        return paths.arrays(paths.steps()[-1])
+        return paths.arrays(paths.steps()[-1]), result["seconds"]
 
 
 def kendall_tau(spec, a: dict, b: dict) -> float:
@@ -101,12 +102,13 @@ def main() -> None:
                 rec = records[r][0]
                 seconds[r].append(seconds[r][0])
             else:
-                t0 = time.perf_counter()
                 if r in ("spp", *FORMS):
-                    rec = spp_record(cfg, r, seed, base, adapter, params, train_src, eval_src)
+                    rec, took = spp_record(cfg, r, seed, base, adapter, params, train_src, eval_src)
                 else:
+                    t0 = time.perf_counter()
                     rec = run.ranking_record(cfg, adapter, params, train_src, r, seed)
-                seconds[r].append(time.perf_counter() - t0)
+                    took = time.perf_counter() - t0
+                seconds[r].append(took)
             records[r].append(rec)
             alloc = baselines.allocate(spec, rec, args.allocation)
             for t in targets:

@@ -29,9 +29,10 @@ import pytest
 
 from configs.vit import get_config
 from spp_jax import run
-from spp_jax.data.fashion_mnist import build, write_idx
+from spp_jax.data.fashion_mnist import build
 from spp_jax.errors import ConfigError
 from spp_jax.run_config import check_inputs
+from tests.helpers import write_synthetic_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "vit.py")
@@ -509,18 +510,6 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-def _write_idx_dir(d: Path) -> None:
-    """Synthetic IDX files as in tests/test_run.py (class c bright in column block c)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 320), ("t10k", 160)):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, :, 2 * c : 2 * c + 6] += 150
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
-
-
 @dataclasses.dataclass
 class Result:
     case: Case
@@ -553,7 +542,7 @@ def results(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_input")
     idx, tfds, finished = base / "idx", base / "tfds", base / "finished"
     idx.mkdir()
-    _write_idx_dir(idx)
+    write_synthetic_fashion_mnist(idx)
     build(tfds, source_dir=idx)  # the tfds data once, before any case reads it
     env = {
         **os.environ,

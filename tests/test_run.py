@@ -203,6 +203,8 @@ def test_extract_script_picks_a_new_target_without_searching(full_run):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "flops:0.6" in out.stderr and "Traceback" not in out.stderr
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("[extract] flops:0.6"), lines  # one line, no orbax logs
     module, params, arch = checkpoint.load_pruned(wd / "extracted" / "flops_0.6")
     assert len(arch["layers"]) == 2
     bad = subprocess.run(
