@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import ml_collections
-import numpy as np
 
-from spp_jax import checkpoint, finetune, run, selection
+from spp_jax import baselines, checkpoint, finetune, run, selection
 from spp_jax.workdir import Workdir
 
 MODES = {
@@ -35,30 +34,14 @@ MODES = {
 }
 
 
-def _quantile_ranks(rng: np.random.Generator, group) -> np.ndarray:
-    n = group.num_entries
-    return ((rng.permutation(n) + 0.5) / n).reshape(group.shape).astype(np.float32)
-
-
 def random_baseline(cfg, adapter, params, eval_src, targets, base: Path) -> dict[str, float]:
-    """Accuracy of the same targets selected from a random ranking (a fake path record).
-
-    Each entry's rank is its quantile inside its own group, so every prefix of the global ranking keeps
-    about the same fraction of every group (comparing raw per-group permutation ranks globally would put
-    every qk/vo entry, ranks < 64 per layer, ahead of almost every mlp entry: MLP-only pruning).
-    """
-    rng = np.random.default_rng(0)
+    """Accuracy of the same targets selected from a random ranking with the same kept fraction in every
+    group (spp_jax.baselines: random scores, per-group allocation). Ranking raw per-group permutations
+    globally would put every qk/vo entry (ranks < 64 per layer) ahead of almost every mlp entry: that is
+    MLP-only pruning, not a random floor."""
     spec = adapter.mask_spec()
-    record = {
-        "t_in": {
-            g.name: ((rng.permutation(g.num_entries) + 0.5) / g.num_entries)
-            .reshape(g.shape)
-            .astype(np.float32)
-            for g in spec.groups
-        },
-        "steps_in_support": {g.name: np.zeros(g.shape, np.int32) for g in spec.groups},
-        "z": {g.name: np.zeros(g.shape, np.float32) for g in spec.groups},
-    }
+    scores = baselines.importance_scores("random", spec, seed=0)
+    record = baselines.allocate(spec, baselines.score_record(spec, scores), "per_group")
     out = {}
     for t in targets:
         keep = selection.select_subnetwork(spec, record, t, round_to=cfg.extract.round_to)

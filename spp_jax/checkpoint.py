@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from spp_jax.adapters import adapter_from_spec
 from spp_jax.errors import CheckpointMismatch, SPPError
+from spp_jax.progress import log
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -72,9 +73,7 @@ def _manager(directory: Path, max_to_keep: int | None, read_only: bool = False) 
     if not read_only:
         _remove_unfinished(directory)
     # Readers never create, clean or delete (orbax's own read_only mode logs a warning per store).
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, cleanup_tmp_directories=not read_only
-    )
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -223,8 +222,6 @@ class ResumeStore(_Store):
                 first_error = first_error or e
                 continue
             if first_error is not None:
-                from spp_jax.progress import log
-
                 log(f"[search] skipped an unreadable resume state: {first_error}")
             return step, state, extras
         if first_error is not None:

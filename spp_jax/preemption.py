@@ -33,8 +33,11 @@ _pending: int | None = None  # signal recorded inside deferred()
 _deferring = False
 
 
-def _name(signum: int) -> str:
-    return signal.Signals(signum).name
+def stopped(signum: int, step: int | None = None) -> Preempted:
+    """The `Preempted` error for a stop by `signum`, after saving a resume state at `step` if given."""
+    name = signal.Signals(signum).name
+    where = "" if step is None else f" at search step {step}, resume state saved"
+    return Preempted(f"stopped by {name}{where}", signum, step)
 
 
 def _handler(signum: int, frame) -> None:
@@ -42,9 +45,9 @@ def _handler(signum: int, frame) -> None:
     del frame
     if _deferring and _pending is None:
         _pending = signum
-        log(f"[run] {_name(signum)}: finishing this step and saving a resume state")
+        log(f"[run] {signal.Signals(signum).name}: finishing this step and saving a resume state")
         return
-    raise Preempted(f"stopped by {_name(signum)}", signum)
+    raise stopped(signum)
 
 
 @contextlib.contextmanager
@@ -73,7 +76,7 @@ def deferred() -> Iterator[None]:
     finally:
         _deferring = False
     if _pending is not None:  # arrived after the caller's last check
-        raise Preempted(f"stopped by {_name(_pending)}", _pending)
+        raise stopped(_pending)
 
 
 def stop_requested(step: int) -> int | None:

