@@ -75,11 +75,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.extract.targets = ("params:0.3", "params:0.5", "params:0.7")
     c.extract.round_to = 1  # 8 for GPU, 128 for TPU lanes
     c.extract.fold_masks = False
-    # Which ranking picks the sub-networks: "path" (the SPP search) or a one-shot baseline (random,
-    # magnitude, taylor, fisher; spp_jax/baselines.py), and how groups share a budget (global, per_group).
+    # Which ranking picks the sub-networks: "path" (the SPP search), a one-shot baseline (random,
+    # magnitude, taylor, fisher, wanda; spp_jax/baselines.py) or "lasso" (a path of l1-penalised mask runs,
+    # spp_jax/lasso.py), and how groups share a budget (global, per_group).
     c.extract.ranking = "path"
     c.extract.allocation = "global"
-    c.extract.score_batches = 32  # batches of search data for the taylor / fisher scores
+    c.extract.score_batches = 32  # batches of search data for the taylor / fisher / wanda scores
+    # lasso: one ISTA run from M = 1 per penalty, weights frozen, min L(M) + lam ||M||_1 over M >= 0.
+    # Penalties and lr are in units of gbar = mean |dL/dM| at M = 1 (first batches): lam = p * gbar, step =
+    # lr / gbar, so a gradient step moves a typical mask by ~lr and a run moves a mask the loss does not
+    # defend by steps * lr * p (= p with the defaults): p < 1 zeroes only masks the loss itself pushes down,
+    # p > 1 also those it defends by less than (p - 1) gbar. The defaults are dense around p = 1, where most
+    # entries drop out, and reach up to where only strongly defended entries survive.
+    c.extract.lasso_penalties = (0.75, 1.0, 1.25, 2.0)
+    c.extract.lasso_steps = 50  # per penalty: 4 x 50 = the default search's 200 steps
+    c.extract.lasso_lr = 0.02
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.steps = 100

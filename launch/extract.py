@@ -5,8 +5,9 @@ r"""Extract any target from an existing workdir's solution path (no re-search), 
 
 Targets: params:F (fraction of block params), flops:F (fraction of total FLOPs), groups:F or
 groups:qk=F,vo=F,mlp=F (fraction of entries per group), step:N (support of Gamma at path point N).
---ranking picks the ranking: path (the search), or a one-shot baseline computed on the dense model
-(random, magnitude, taylor, fisher; spp_jax/baselines.py); --allocation how groups share a budget
+--ranking picks the ranking: path (the search), a one-shot baseline computed on the dense model
+(random, magnitude, taylor, fisher, wanda; spp_jax/baselines.py) or lasso (l1-penalised mask runs, one per
+penalty of the run's extract.lasso_penalties; spp_jax/lasso.py); --allocation how groups share a budget
 (global: one ranking over all groups, per_group: the same fraction of every group).
 Each model lands in WORKDIR/extracted/<target>/ (for a baseline or per_group:
 extracted/<ranking>_<target>[_per_group]/) and loads with spp_jax.load_pruned(dir).
@@ -21,9 +22,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir made by launch/train.
 _TARGETS = flags.DEFINE_multi_string("target", None, "Target(s) to extract.", required=True)
 _ROUND_TO = flags.DEFINE_integer("round_to", None, "Round kept dims to a multiple (default: the run's).")
 _FOLD = flags.DEFINE_bool("fold_masks", None, "Fold mask values into kept weights (default: the run's).")
-_RANKING = flags.DEFINE_enum(
-    "ranking", None, ["path", "random", "magnitude", "taylor", "fisher"], "Ranking (default: the run's)."
-)
+# = spp_jax.baselines.RANKINGS (tests/test_baselines.py checks), spelled out: no jax import at flag parsing
+RANKINGS = ["path", "random", "magnitude", "taylor", "fisher", "wanda", "lasso"]
+_RANKING = flags.DEFINE_enum("ranking", None, RANKINGS, "Ranking (default: the run's).")
 _ALLOCATION = flags.DEFINE_enum(
     "allocation", None, ["global", "per_group"], "How groups share a budget (default: the run's)."
 )

@@ -12,9 +12,19 @@ Scores, per entry i of the mask vector M (all masks 1, the dense model), over ba
     magnitude   the product of the norms of the weight slices entry i owns (`Adapter.entry_weight_norms`)
     taylor      | sum_b g_{b,i} |,   g_b = dL_b/dM at M = 1   first-order loss change when M_i: 1 -> 0
     fisher      sum_b g_{b,i}^2                               diagonal empirical Fisher, second order
+    wanda       prod_a ||x_{a,i}|| * ||W_out,i||   activation x weight (Wanda/FLAP, structured): x_{a,i}, over
+                every batch, example and token, is each activation a that M_i multiplies (ViT: the fc1
+                output h_j for mlp j; v[..., :, j] for vo j; q_j and k_j, both, for qk j; the attention
+                output of head h for heads h), W_out,i the weight slice consuming it
+                (`Adapter.entry_out_weight_norms`: fc2[j, :], W_o[:, j, :], none for qk, W_o[h])
 
 Taylor and Fisher need only the mask gradients, so every architecture whose adapter declares mask groups
-gets them; magnitude needs the adapter to name an entry's weight slices.
+gets them; magnitude needs the adapter to name an entry's weight slices; wanda needs the module to sow, at
+each mask point, the per-entry sum of squares of the activations it masks (collection `MASK_INPUTS`, only
+when mutable, so ordinary applies are unchanged) and the adapter to name the consuming weight slices.
+
+One more ranking is a path, not a score: "lasso" (spp_jax.lasso), K l1-penalised mask-training runs; an
+entry ranks by how many of the penalties it survives.
 
 Allocation rules say how entries of different groups compete for one budget (`allocate`):
 
@@ -25,21 +35,24 @@ Allocation rules say how entries of different groups compete for one budget (`al
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from spp_jax import selection
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
 
-SCORES = ("random", "magnitude", "taylor", "fisher")
-RANKINGS = ("path", *SCORES)
+SCORES = ("random", "magnitude", "taylor", "fisher", "wanda")
+RANKINGS = ("path", *SCORES, "lasso")
 ALLOCATIONS = ("global", "per_group")
 
 ArrayTree = Mapping[str, Any]
+MASK_INPUTS = "mask_inputs"  # the collection modules sow mask-point activation sums of squares into
 
 
 def score_record(spec: MaskSpec, scores: ArrayTree) -> dict[str, dict[str, np.ndarray]]:
@@ -96,6 +109,51 @@ def mask_gradients(
         yield jax.tree.map(np.asarray, grad(params, ones, batch))
 
 
+def _layer_order(path: tuple[str, ...]) -> tuple:
+    """Sort key of a module path with its numbers compared as numbers (encoderblock_2 < encoderblock_10)."""
+    parts = re.split(r"(\d+)", "/".join(path))
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+
+
+def mask_input_norms(
+    apply_fn: Callable, spec: MaskSpec, params: Any, batches: Iterable[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Per entry ([depth, size] per group), the product over the activations its mask multiplies of their
+    L2 norms over every batch, example and token, at M = 1 (one jitted forward per batch).
+
+    The module must sow, per layer, into collection `MASK_INPUTS` under the group's name, the per-entry sum
+    of squares of each masked activation (`Adapter.entry_out_weight_norms` states the protocol).
+    """
+
+    @jax.jit
+    def sums(params, masks, batch):
+        _, state = apply_fn(
+            {"params": params}, batch["image"], masks=masks, train=False, mutable=[MASK_INPUTS]
+        )
+        return state.get(MASK_INPUTS, {})
+
+    ones = spec.init_masks()
+    total: dict[str, np.ndarray] | None = None
+    for batch in batches:
+        found: dict[str, list] = {g.name: [] for g in spec.groups}
+        for path, values in traverse_util.flatten_dict(sums(params, ones, batch)).items():
+            if path[-1] in found:
+                found[path[-1]].append((_layer_order(path[:-1]), values))
+        stacked = {}
+        for g in spec.groups:
+            layers = [np.asarray(v, np.float64) for _, v in sorted(found[g.name], key=lambda t: t[0])]
+            if len(layers) != g.depth or any(v.ndim != 2 or v.shape[1] != g.size for v in layers):
+                raise ConfigError(
+                    f"the model recorded {len(layers)} layers of mask-{g.name} activations, the mask spec "
+                    f"has {g.depth} of size {g.size}; its module must sow them into {MASK_INPUTS!r}"
+                )
+            stacked[g.name] = np.stack(layers)  # [depth, activations per entry, size]
+        total = stacked if total is None else {k: total[k] + v for k, v in stacked.items()}
+    if total is None:
+        raise ConfigError("the wanda score got no data batches; give at least one")
+    return {k: np.prod(np.sqrt(v), axis=1).astype(np.float32) for k, v in total.items()}
+
+
 def importance_scores(
     name: str,
     spec: MaskSpec,
@@ -106,7 +164,7 @@ def importance_scores(
     seed: int = 0,
     loss_fn: Callable | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-entry scores of baseline `name` (module docstring); `batches` for taylor and fisher."""
+    """Per-entry scores of baseline `name` (module docstring); `batches` for taylor, fisher and wanda."""
     if name == "random":
         rng = np.random.default_rng(seed)
         return {g.name: rng.random(g.shape).astype(np.float32) for g in spec.groups}
@@ -126,4 +184,14 @@ def importance_scores(
         if n == 0:
             raise ConfigError(f"the {name} score got no data batches; give at least one")
         return {k: (np.abs(v) if name == "taylor" else v).astype(np.float32) for k, v in total.items()}
+    if name == "wanda":
+        if adapter is None or params is None or batches is None:
+            raise ConfigError("the wanda score needs the adapter, the dense params and data batches")
+        act = mask_input_norms(adapter.module().apply, spec, params, batches)
+        out = adapter.entry_out_weight_norms(params)
+        return {k: (act[k] * np.asarray(out[k], np.float32)).astype(np.float32) for k in act}
+    if name == "lasso":
+        raise ConfigError(
+            "lasso is a path of penalised runs, not a one-shot score; use spp_jax.lasso.lasso_path"
+        )
     raise ConfigError(f"ranking {name!r} is unknown; use one of {RANKINGS}")

@@ -185,7 +185,7 @@ def stage_dense(cfg, wd: Workdir, adapter: ViTAdapter, train_src, eval_src) -> d
     xtr, ytr = features(cfg, adapter, params, train_src)
     params["head"] = fit_probe(cfg, xtr, ytr, adapter.config.num_classes)
     if cfg.dense.finetune_steps:
-        params = _finetune(
+        params = finetune_params(
             cfg, wd, adapter.module(), params, train_src, cfg.dense.finetune_steps, cfg.dense.lr, "dense"
         )
     eval_step = jax.jit(finetune.make_eval_step(adapter.module().apply))
@@ -327,16 +327,31 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
 
 
 def ranking_record(cfg, adapter: ViTAdapter, params: dict, train_src, name: str, seed: int) -> dict:
-    """A one-shot baseline's path-shaped record (spp_jax.baselines); gradient scores read the first
-    `extract.score_batches` batches of the search data (seeded order)."""
+    """A baseline's path-shaped record (spp_jax.baselines, spp_jax.lasso). The data scores (taylor, fisher,
+    wanda) read the first `extract.score_batches` batches of the search data (seeded order); each lasso run
+    reads the first `extract.lasso_steps` batches of that same stream."""
     batches = None
-    if name in ("taylor", "fisher"):
+    spec = adapter.mask_spec()
+    if name in ("taylor", "fisher", "wanda", "lasso"):
         if train_src is None:
             raise ConfigError(f"the {name} ranking needs training data; pass train_src")
         src = search_source(cfg, train_src)
-        loader = train_loader(cfg, src, cfg.search.batch_size, seed, augment=False)
+        stream = lambda: train_loader(cfg, src, cfg.search.batch_size, seed, augment=False)
+        if name == "lasso":
+            from spp_jax import lasso
+
+            e = cfg.extract
+            return lasso.lasso_path(
+                adapter.module().apply,
+                spec,
+                params,
+                stream,
+                tuple(e.lasso_penalties),
+                steps=e.lasso_steps,
+                lr=e.lasso_lr,
+            )
+        loader = stream()
         batches = (next(loader) for _ in range(cfg.extract.score_batches))
-    spec = adapter.mask_spec()
     scores = baselines.importance_scores(
         name, spec, adapter=adapter, params=params, batches=batches, seed=seed
     )
@@ -427,7 +442,9 @@ def stage_extract(cfg, wd, adapter, params, train_src, eval_src) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _finetune(cfg, wd, module, params, train_src, steps, lr, stage, teacher=None) -> dict:
+def finetune_params(cfg, wd, module, params, train_src, steps, lr, stage, teacher=None) -> dict:
+    """`steps` of AdamW (warmup + cosine to 0, `cfg.finetune` settings) on all weights of `module`;
+    `teacher = (module, params)` adds distillation. Loss/accuracy rows go to WORKDIR/metrics.jsonl."""
     f = cfg.finetune
     tx = finetune.adamw_cosine(lr, steps, min(f.warmup, steps // 2), f.weight_decay)
     mesh = sharding.make_mesh()
@@ -467,7 +484,7 @@ def finetune_model(
     if checkpoint.is_complete_model(out, **meta):
         log(f"[finetune] {wd.rel(out)} is complete, skipped")
         return out
-    params = _finetune(
+    params = finetune_params(
         cfg, wd, module, params, train_src, steps, cfg.finetune.lr, f"finetune:{name}", teacher
     )
     checkpoint.save_model(out, params, arch, **meta)

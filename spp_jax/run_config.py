@@ -72,6 +72,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "extract.ranking": _one_of(baselines.RANKINGS),
     "extract.allocation": _one_of(baselines.ALLOCATIONS),
     "extract.score_batches": _positive_int,
+    "extract.lasso_penalties": (
+        lambda v: isinstance(v, tuple | list) and len(v) > 0 and all(_nonneg[0](x) for x in v),
+        "a non-empty tuple of numbers >= 0 (units of mean |dL/dM|), e.g. (0.75, 1.0, 1.25, 2.0)",
+    ),
+    "extract.lasso_steps": _positive_int,
+    "extract.lasso_lr": _positive,
     "finetune.steps": _positive_int,
     "finetune.batch_size": _positive_int,
     "finetune.lr": _positive,

@@ -271,6 +271,13 @@ CASES = [
     ),
     _train_case("round-to-zero", "--config.extract.round_to=0", "extract.round_to=0"),
     _train_case("targets-empty", "--config.extract.targets=()", "extract.targets=()"),
+    Case(
+        "lasso-penalty-negative",
+        "train",
+        '`--config.extract.lasso_penalties="(1.0,-1.0)"`',
+        _train("--config.extract.lasso_penalties=(1.0,-1.0)"),
+        "extract.lasso_penalties=(1.0, -1.0) is not allowed",
+    ),
     # -- targets ---------------------------------------------------------------------------------------
     _target_case("target-fraction-above-one", "params:1.5", "1.5"),
     _target_case("target-fraction-negative", "params:-1", "-1"),

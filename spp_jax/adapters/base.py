@@ -2,8 +2,9 @@
 
 An adapter declares the mask groups (`mask_spec`), builds the Flax module for the dense or any pruned
 shape (`module`), slices a param tree for a keep-set (`extract`, algorithm.md §5), counts the params and
-MACs of an architecture spec (`arch_cost`) and names the weight slices of each entry for the magnitude
-baseline (`entry_weight_norms`). Architecture specs are JSON dicts with an "arch" key naming the
+MACs of an architecture spec (`arch_cost`), names the weight slices of each entry for the magnitude
+baseline (`entry_weight_norms`) and the weight slice that consumes each entry's masked activation for the
+wanda baseline (`entry_out_weight_norms`). Architecture specs are JSON dicts with an "arch" key naming the
 adapter, so a saved pruned model can be rebuilt from its spec alone.
 """
 
@@ -41,6 +42,16 @@ class Adapter(Protocol):
     def entry_weight_norms(self, params: Params) -> dict[str, Any]:
         """Per mask entry ([depth, size] per group), the product of the norms of the weight slices it owns
         (the magnitude baseline, spp_jax.baselines)."""
+        ...
+
+    def entry_out_weight_norms(self, params: Params) -> dict[str, Any]:
+        """Per mask entry ([depth, size] per group), the L2 norm of the weight slice that consumes the
+        activation the entry's mask multiplies (1 where that activation feeds no weight, e.g. q and k, which
+        meet each other). The wanda baseline (spp_jax.baselines) multiplies it by the norms of those
+        activations, which the module must sow at each mask point: per layer, in the collection
+        `baselines.MASK_INPUTS` under the group's name, the per-entry sum of squares of every activation
+        that mask multiplies (a [size] vector each), only when that collection is mutable. Layers are told
+        apart by module path (layer index in the path, e.g. encoderblock_3)."""
         ...
 
 

@@ -144,6 +144,25 @@ class ViTAdapter:
                 rows[g].append(norm(a, a_axes) * norm(b, b_axes))
         return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
 
+    def entry_out_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
+        """Per entry, the L2 norm of the weight slice consuming its masked activation ([depth, size]):
+        qk j: 1 (q_j and k_j only meet each other); vo j: W_o[:, j, :] (all heads); mlp j: fc2[j, :];
+        heads h: W_o[h, :, :]."""
+        norm = lambda w, axes: np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
+        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
+        for i in range(self.config.depth):
+            block = params[f"encoderblock_{i}"]
+            o = block["attn"]["out"]["kernel"]  # [H, hd, D]
+            per = {
+                "qk": np.ones(self.config.head_dim),
+                "vo": norm(o, (0, 2)),
+                "mlp": norm(block["mlp"]["fc2"]["kernel"], 1),
+                "heads": norm(o, (1, 2)),
+            }
+            for g in self.groups:
+                rows[g].append(per[g])
+        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
     # -- slicing -----------------------------------------------------------------------------------
     def normalize_keep(self, keep: KeepSet) -> KeepSet:
         """Drop entries that no longer affect the function: qk (and vo) of a layer whose attention

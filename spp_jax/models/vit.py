@@ -194,6 +194,15 @@ class Bias(nn.Module):
         return jnp.broadcast_to(self.param("bias", nn.initializers.zeros, (self.features,)), x.shape)
 
 
+def _sow_mask_input(module: nn.Module, group: str, x: Array, axis: int = -1) -> None:
+    """Record the per-entry sum of squares of `x`, the activation mask `group` multiplies (entries on `axis`),
+    in the "mask_inputs" collection (spp_jax.baselines.MASK_INPUTS, read by the wanda score). Only when the
+    caller made that collection mutable: ordinary applies (and init) compute and return nothing extra."""
+    if module.is_mutable_collection("mask_inputs") and not module.is_initializing():
+        axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+        module.sow("mask_inputs", group, jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
+
+
 class MaskedAttention(nn.Module):
     """Multi-head self-attention with qk/vo/heads masks; scale stays 1/sqrt(head_dim) (algorithm.md §5)."""
 
@@ -209,11 +218,14 @@ class MaskedAttention(nn.Module):
         dense = lambda feats, name: nn.DenseGeneral(feats, name=name)
         v = dense((h, dv), "value")(x)
         if "vo" in masks:
+            _sow_mask_input(self, "vo", v)
             v = v * masks["vo"]
         if dqk > 0:
             q = dense((h, dqk), "query")(x)
             k = dense((h, dqk), "key")(x)
             if "qk" in masks:
+                _sow_mask_input(self, "qk", q)
+                _sow_mask_input(self, "qk", k)
                 q, k = q * masks["qk"], k * masks["qk"]
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
             weights = jax.nn.softmax(logits, axis=-1)
@@ -221,6 +233,7 @@ class MaskedAttention(nn.Module):
         else:  # all qk dims removed: logits are 0, attention is uniform over keys.
             out = jnp.broadcast_to(v.mean(axis=1, keepdims=True), v.shape)
         if "heads" in masks:
+            _sow_mask_input(self, "heads", out, axis=-2)
             out = out * masks["heads"][:, None]
         return nn.DenseGeneral(self.width, axis=(-2, -1), name="out")(out)
 
@@ -239,9 +252,11 @@ class MaskedMlp(nn.Module):
             return Bias(self.width, name="fc2")(x)
         y = nn.Dense(self.mlp_dim, name="fc1")(x)
         if mask is not None and self.mask_pre_act:
+            _sow_mask_input(self, "mlp", y)
             y = y * mask
         y = nn.gelu(y, approximate=self.gelu_approximate)
         if mask is not None and not self.mask_pre_act:
+            _sow_mask_input(self, "mlp", y)
             y = y * mask
         return nn.Dense(self.width, name="fc2")(y)
 
