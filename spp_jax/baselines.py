@@ -10,8 +10,10 @@ Scores, per entry i of the mask vector M (all masks 1, the dense model), over ba
 
     random      u_i ~ U(0, 1), i.i.d. (seeded)
     magnitude   the product of the norms of the weight slices entry i owns (`Adapter.entry_weight_norms`)
-    taylor      | sum_b g_{b,i} |,   g_b = dL_b/dM at M = 1   first-order loss change when M_i: 1 -> 0
-    fisher      sum_b g_{b,i}^2                               diagonal empirical Fisher, second order
+    taylor      | sum_e g_{e,i} |,   g_e = dL_e/dM at M = 1   first-order loss change when M_i: 1 -> 0
+    fisher      sum_e g_{e,i}^2                               diagonal empirical Fisher, second order
+                (e runs over the examples of the batches: per-example gradients, not batch means, whose
+                squares mostly measure batch noise)
     wanda       prod_a ||x_{a,i}|| * ||W_out,i||   activation x weight (Wanda/FLAP, structured): x_{a,i}, over
                 every batch, example and token, is each activation a that M_i multiplies (ViT: the fc1
                 output h_j for mlp j; v[..., :, j] for vo j; q_j and k_j, both, for qk j; the attention
@@ -82,31 +84,34 @@ def allocate(spec: MaskSpec, record: Any, rule: str = "global") -> Any:
     return {"t_in": quantile, "steps_in_support": zeros(np.int32), "z": zeros(np.float32)}
 
 
-def mask_gradients(
+def mask_gradient_moments(
     apply_fn: Callable,
     spec: MaskSpec,
     params: Any,
     batches: Iterable[Mapping[str, Any]],
     loss_fn: Callable | None = None,
-) -> Iterable[dict[str, np.ndarray]]:
-    """dL_b/dM at M = 1 for each batch b (one jitted gradient per batch; no weight gradient is formed).
+) -> Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Per batch b, the sums over its examples e of dL_e/dM and of (dL_e/dM)^2 at M = 1 (one jitted,
+    vmapped per-example gradient per batch; no weight gradient is formed).
 
-    `loss_fn(logits, labels) -> (loss, aux)`; None = softmax cross-entropy (search.classification_loss).
+    `loss_fn(logits, labels) -> (loss, aux)`, called on one example; None = softmax cross-entropy
+    (search.classification_loss).
     """
     if loss_fn is None:
         from spp_jax.search import classification_loss as loss_fn
 
     @jax.jit
-    def grad(params, masks, batch):
-        def loss(m):
-            logits = apply_fn({"params": params}, batch["image"], masks=m, train=False)
-            return loss_fn(logits, batch["label"])[0]
+    def moments(params, masks, batch):
+        def loss(m, image, label):
+            logits = apply_fn({"params": params}, image[None], masks=m, train=False)
+            return loss_fn(logits, label[None])[0]
 
-        return jax.grad(loss)(masks)
+        per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(masks, batch["image"], batch["label"])
+        return jax.tree.map(lambda g: g.sum(0), per_ex), jax.tree.map(lambda g: (g * g).sum(0), per_ex)
 
     ones = spec.init_masks()
     for batch in batches:
-        yield jax.tree.map(np.asarray, grad(params, ones, batch))
+        yield jax.tree.map(np.asarray, moments(params, ones, batch))
 
 
 def _layer_order(path: tuple[str, ...]) -> tuple:
@@ -177,9 +182,9 @@ def importance_scores(
             raise ConfigError(f"the {name} score needs the adapter, the dense params and data batches")
         total = {g.name: np.zeros(g.shape, np.float64) for g in spec.groups}
         n = 0
-        for grads in mask_gradients(adapter.module().apply, spec, params, batches, loss_fn):
+        for first, second in mask_gradient_moments(adapter.module().apply, spec, params, batches, loss_fn):
             for k in total:
-                total[k] += grads[k] if name == "taylor" else np.square(grads[k], dtype=np.float64)
+                total[k] += first[k] if name == "taylor" else second[k]
             n += 1
         if n == 0:
             raise ConfigError(f"the {name} score got no data batches; give at least one")

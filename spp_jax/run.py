@@ -237,7 +237,7 @@ def stage_search(cfg, wd: Workdir, adapter: ViTAdapter, params: dict, train_src,
     mesh = sharding.make_mesh()
     rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     step_fn = jax.jit(
-        search.make_search_step(module.apply, spec, tx),
+        search.make_search_step(module.apply, spec, tx, curvature=s.mode == "curvature"),
         in_shardings=(rep, rep, data_sh),
         out_shardings=(rep, rep),
         donate_argnums=(0,),

@@ -4,6 +4,10 @@ Frozen weights (the reference behaviour, algorithm.md §3.2) are an argument of 
 state, so no weight gradient is ever formed. Jointly training the weights is an option (`weights_tx`):
 then the state also carries the weights and their optimizer state.
 
+With `curvature=True` (the curvature form of spp_jax.spp) the step differentiates each example's loss on
+its own (vmap over the batch) and passes the transform the per-entry mean of the squared per-example mask
+gradients as `curvature`; the loss, accuracy and mean gradient are those of the batch as before.
+
 The step never commits a non-finite update: if the loss or a gradient is NaN/Inf the old state is kept and
 `metrics["nonfinite"]` is 1, so the host can stop before writing a bad path point.
 """
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from spp_jax import spp as spp_lib
+from spp_jax.errors import ConfigError
 from spp_jax.groups import Masks, MaskSpec
 
 Params = Any
@@ -76,25 +81,43 @@ def make_search_step(
     mask_tx: optax.GradientTransformation,
     weights_tx: optax.GradientTransformation | None = None,
     loss_fn: Callable = classification_loss,
+    curvature: bool = False,
 ) -> Callable[[SearchState, Params, dict[str, jax.Array]], tuple[SearchState, dict[str, jax.Array]]]:
     """Build `step(state, frozen_params, batch) -> (state, metrics)`; jit it with the shardings you want.
 
     One step is M_{k+1} = M_k + SPP-update(grad_M L(M_k)) and the Z/Gamma recursion of the SPP
     transform (algorithm.md §3). With `weights_tx`, weights move by their own optimizer on grad_W L.
+    `curvature=True` also passes the transform `curvature` (module docstring; not with `weights_tx`).
     """
+    if curvature and weights_tx is not None:
+        raise ConfigError(
+            "the curvature form's per-example curvature is not implemented with trained weights"
+        )
 
     def step(state: SearchState, frozen_params: Params, batch: dict[str, jax.Array]):
         train_weights = weights_tx is not None
         params = state.params if train_weights else frozen_params
 
-        def loss_of(masks, params):
-            logits = apply_fn({"params": params}, batch["image"], masks=masks, train=False)
-            return loss_fn(logits, batch["label"])
+        def loss_of(masks, params, images, labels):
+            logits = apply_fn({"params": params}, images, masks=masks, train=False)
+            return loss_fn(logits, labels)
 
-        argnums = (0, 1) if train_weights else 0
-        (loss, acc), grads = jax.value_and_grad(loss_of, argnums=argnums, has_aux=True)(state.masks, params)
+        extra = {}
+        if curvature:
+            one = lambda x, y: jax.value_and_grad(loss_of, has_aux=True)(
+                state.masks, params, x[None], y[None]
+            )
+            (losses, accs), per_ex = jax.vmap(one)(batch["image"], batch["label"])
+            loss, acc = losses.mean(), accs.mean()
+            grads = jax.tree.map(lambda g: g.mean(0), per_ex)
+            extra["curvature"] = jax.tree.map(lambda g: jnp.square(g).mean(0), per_ex)
+        else:
+            argnums = (0, 1) if train_weights else 0
+            (loss, acc), grads = jax.value_and_grad(loss_of, argnums=argnums, has_aux=True)(
+                state.masks, params, batch["image"], batch["label"]
+            )
         mask_grads = grads[0] if train_weights else grads
-        updates, opt_state = mask_tx.update(mask_grads, state.opt_state, state.masks)
+        updates, opt_state = mask_tx.update(mask_grads, state.opt_state, state.masks, **extra)
         new = state.replace(
             step=state.step + 1, masks=optax.apply_updates(state.masks, updates), opt_state=opt_state
         )

@@ -16,6 +16,23 @@ is Adam's step number):
 
     Shrink "l1" = sign(z) max(|z| - lam, 0) (the l1 prox), "nonneg" = max(z - lam, 0).
 
+Curvature form (mode "curvature", this library's; algorithm.md §9 says why): the same split inclusion, but
+run on the local Fisher model of the loss instead of the raw stochastic gradient. The caller passes
+`curvature` = c_k, the per-entry mean over the batch's examples of the squared per-example mask gradient
+at M_k (the diagonal empirical Fisher, a second moment: its noise falls with the batch where the gradient's
+mean drowns in it). With h_k = EMA_b2(c) / c_bar (c_bar = mean of c_0 over all entries, fixed at the first
+step, so nu is in units of the typical curvature and no setting depends on the loss scale):
+
+    q_k(M)      = 1/2 sum_i h_{k,i} (M_i - 1)^2           (loss increase; the model is an optimum at M = 1)
+    M_{k+1}     = argmin_M q_k(M) + 1/(2 nu) ||M - Gamma_k||^2 = (h_k + Gamma_k / nu) / (h_k + 1 / nu)
+    Z_{k+1}     = Z_k + lr_k (M_{k+1} - Gamma_k)
+    Gamma_{k+1} = kappa * Shrink(Z_{k+1}, lam)
+
+The M step is exact (the kappa -> inf limit of the split step, solvable because the model is diagonal),
+and h is re-estimated at every step at the current M, so the model follows the path: once the weak entries
+have shrunk, the curvature of the rest is measured in the thinned network. Gamma grows from 0; an entry
+with M = 1 enters after lam / lr steps, one the model lets shrink to M ~ nu h much later.
+
 Bias corrections (official form, base adam). The reference code (PyTorch Adam, non-capturable) computes
 c1 = 1 - b1^t and c2 = 1 - b2^t in Python double and steps
 
@@ -58,7 +75,7 @@ from spp_jax.errors import ConfigError
 
 Masks = dict[str, jax.Array]  # the mask pytree (spp_jax.groups.Masks); any pytree of arrays works
 
-MODES = ("paper", "official")
+MODES = ("paper", "official", "curvature")
 BASES = ("sgd", "adam")
 SHRINKS = ("l1", "nonneg")
 
@@ -72,7 +89,19 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         learning_rate=1e-3, kappa=1.0, nu=math.inf, lam=3.0, shrink="nonneg", base="adam", eps=1e-4,
         z_uses_updated_mask=True,
     ),
+    # curvature: nu in units of 1 / (mean curvature at step 1); learning_rate is the Z step.
+    "curvature": dict(
+        learning_rate=0.1, kappa=1.0, nu=30.0, lam=1.0, shrink="nonneg", base="exact", eps=1e-8,
+        z_uses_updated_mask=True,
+    ),
 }  # fmt: skip
+
+
+class CurvatureState(NamedTuple):
+    """`SPPState.base_state` of the curvature form: the curvature EMA and its step-1 mean."""
+
+    ema: Masks  # float32 EMA_b2 of the curvature passed to update
+    scale: jax.Array  # float32 scalar: mean curvature of the first update (0 before it)
 
 
 class SPPState(NamedTuple):
@@ -164,6 +193,59 @@ def scale_by_adam_precise(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _track(state: SPPState, gamma: Masks, count: jax.Array) -> tuple[Masks, Masks]:
+    """t_in and steps_in_support after an update that left `gamma` at step `count`."""
+    inside = jax.tree.map(lambda ga: ga != 0, gamma)
+    now = count.astype(jnp.float32)
+    t_in = jax.tree.map(lambda t, i: jnp.where(jnp.isinf(t) & i, now, t), state.t_in, inside)
+    steps = jax.tree.map(lambda n, i: n + i.astype(jnp.int32), state.steps_in_support, inside)
+    return t_in, steps
+
+
+def _curvature_form(
+    schedule: Callable, kappa: float, nu: float, lam: float, shrink_kind: str, decay: float
+) -> optax.GradientTransformationExtraArgs:
+    """The curvature form of `spp` (module docstring, "Curvature form")."""
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+
+    def init_fn(params: Masks) -> SPPState:
+        zeros = lambda: jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), params)
+        return SPPState(
+            count=jnp.zeros([], jnp.int32),
+            base_state=CurvatureState(ema=zeros(), scale=jnp.zeros([], jnp.float32)),
+            z=zeros(),
+            gamma=zeros(),
+            t_in=jax.tree.map(lambda m: jnp.full(jnp.shape(m), jnp.inf, jnp.float32), params),
+            steps_in_support=jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.int32), params),
+        )
+
+    def update_fn(grads: Masks, state: SPPState, params: Masks | None = None, curvature=None, **extra):
+        del grads, extra
+        if params is None or curvature is None:
+            raise ConfigError(
+                "spp: the curvature form's update() needs params = the current masks M_k and curvature = the "
+                "mean squared per-example mask gradient (search.make_search_step passes both)"
+            )
+        c = jax.tree.map(f32, curvature)
+        first = state.count == 0
+        ema = jax.tree.map(lambda e, ci: jnp.where(first, ci, decay * e + (1.0 - decay) * ci),
+                           state.base_state.ema, c)  # fmt: skip
+        leaves = jax.tree.leaves(c)
+        mean_c = sum(x.sum() for x in leaves) / sum(x.size for x in leaves)
+        scale = jnp.where(first, jnp.maximum(mean_c, jnp.finfo(jnp.float32).tiny), state.base_state.scale)
+        h = jax.tree.map(lambda e: e / scale, ema)
+        m_next = jax.tree.map(lambda hi, ga: (hi + ga / nu) / (hi + 1.0 / nu), h, state.gamma)
+        lr_k = f32(schedule(state.count))
+        z = jax.tree.map(lambda zi, mi, ga: zi + lr_k * (mi - ga), state.z, m_next, state.gamma)
+        gamma = jax.tree.map(lambda zi: kappa * _shrink(zi, lam, shrink_kind), z)
+        count = state.count + 1
+        t_in, steps = _track(state, gamma, count)
+        updates = jax.tree.map(lambda n, p: (n - f32(p)).astype(jnp.asarray(p).dtype), m_next, params)
+        return updates, SPPState(count, CurvatureState(ema, scale), z, gamma, t_in, steps)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"spp: {name}={value!r} is out of range; allowed: {allowed}")
@@ -182,27 +264,33 @@ def spp(
     b2: float = 0.999,
     eps: float | None = None,
     z_uses_updated_mask: bool | None = None,
+    curvature_decay: float = 0.9,
 ) -> optax.GradientTransformationExtraArgs:
     """The SPP mask optimizer (module docstring has the equations). `None` takes the mode's default.
 
     Args:
-      mode: "official" (algorithm.md §3.2, the reference code) or "paper" (§3.1, split LBI).
+      mode: "official" (algorithm.md §3.2, the reference code), "paper" (§3.1, split LBI) or
+        "curvature" (the split inclusion on the local Fisher model, module docstring: "Curvature form").
       learning_rate: float > 0 or an optax schedule of the step count. Paper: alpha, REQUIRED (no
-        default). Official: 1e-3.
+        default). Official: 1e-3. Curvature: the Z step, 0.1.
       kappa: damping, finite > 0; scales the mask step and Gamma = kappa * Shrink(Z).
-        Paper: 10. Official: 1.
+        Paper: 10. Official: 1. Curvature: 1 (Gamma only; its M step is exact).
       nu: coupling, > 0; inf = no coupling (the mask step sees the task gradient alone).
-        Paper: 1 (must be finite: its Z step is alpha / nu). Official: inf.
-      lam: shrink threshold, >= 0. Paper: 1. Official: 3.
-      shrink: "l1" or "nonneg". Paper: "l1". Official: "nonneg".
-      base: base mask step, "sgd" or "adam". Paper: "sgd". Official: "adam".
+        Paper: 1 (must be finite: its Z step is alpha / nu). Official: inf. Curvature: 30 (finite), in
+        units of 1 / (mean curvature at step 1).
+      lam: shrink threshold, >= 0. Paper: 1. Official: 3. Curvature: 1.
+      shrink: "l1" or "nonneg". Paper: "l1". Official: "nonneg". Curvature: "nonneg".
+      base: base mask step, "sgd" or "adam" (paper, official); "exact" (the curvature form's exact M step).
+        Paper: "sgd". Official: "adam".
       b1, b2: Adam decay rates in [0, 1) (b1 also sets official mode's bias-corrected Z step).
       eps: Adam epsilon, > 0. Paper: 1e-8 (optax default). Official: 1e-4.
-      z_uses_updated_mask: Z step uses M_{k+1} instead of M_k. Paper: False. Official: True.
+      z_uses_updated_mask: Z step uses M_{k+1} instead of M_k. Paper: False. Official, curvature: True.
+      curvature_decay: curvature form: EMA decay in [0, 1) of the curvature passed to update.
 
     Returns:
       A transformation whose `update(grads, state, params)` needs params = the current masks M_k;
       it returns updates = M_{k+1} - M_k (`optax.apply_updates(masks, updates)` gives M_{k+1}).
+      The curvature form also needs `curvature=` (module docstring) and does not read `grads`.
     """
     _check("mode", mode, mode in MODES, f"one of {MODES}")
     given = dict(
@@ -212,16 +300,19 @@ def spp(
     hp = {k: _DEFAULTS[mode][k] if v is None else v for k, v in given.items()}
     lr, kappa, nu, lam, eps = (hp[k] for k in ("learning_rate", "kappa", "nu", "lam", "eps"))
     shrink_kind, base, z_new = hp["shrink"], hp["base"], bool(hp["z_uses_updated_mask"])
-    _check("base", base, base in BASES, f"one of {BASES}")
+    if mode == "curvature":
+        _check("base", base, base == "exact", "'exact' in mode curvature")
+    else:
+        _check("base", base, base in BASES, f"one of {BASES}")
     _check("shrink", shrink_kind, shrink_kind in SHRINKS, f"one of {SHRINKS}")
     if lr is None:
         raise ConfigError("spp: learning_rate=None; paper mode needs an explicit alpha > 0")
     _check("learning_rate", lr, callable(lr) or lr > 0, "> 0 or an optax schedule")
     _check("kappa", kappa, 0 < kappa < math.inf, "finite > 0")
     _check("nu", nu, nu > 0, "> 0 (inf = no coupling)")
-    if mode == "paper" and math.isinf(nu):
+    if mode in ("paper", "curvature") and math.isinf(nu):
         raise ConfigError(
-            "spp: nu=inf in paper mode makes the Z step alpha/nu zero, so Gamma never moves; "
+            f"spp: nu=inf in {mode} mode leaves M without its pull towards Gamma; "
             "use a finite nu > 0 or mode='official'"
         )
     _check("lam", lam, 0 <= lam < math.inf, "finite >= 0")
@@ -230,6 +321,9 @@ def spp(
     _check("eps", eps, eps > 0, "> 0")
 
     schedule: Callable[[jax.Array], jax.Array] = lr if callable(lr) else (lambda _: lr)
+    if mode == "curvature":
+        _check("curvature_decay", curvature_decay, 0 <= curvature_decay < 1, "[0, 1)")
+        return _curvature_form(schedule, kappa, nu, lam, shrink_kind, curvature_decay)
     inner = scale_by_adam_precise(b1=b1, b2=b2, eps=eps) if base == "adam" else optax.identity()
     log_b1 = _log_decay(b1)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
@@ -269,10 +363,7 @@ def spp(
         z = jax.tree.map(lambda zi, mi, ga: zi + s * (mi - ga), state.z, m_next if z_new else m,
                          state.gamma)  # fmt: skip
         gamma = jax.tree.map(lambda zi: kappa * _shrink(zi, lam, shrink_kind), z)
-        inside = jax.tree.map(lambda ga: ga != 0, gamma)
-        now = count.astype(jnp.float32)
-        t_in = jax.tree.map(lambda t, i: jnp.where(jnp.isinf(t) & i, now, t), state.t_in, inside)
-        steps = jax.tree.map(lambda n, i: n + i.astype(jnp.int32), state.steps_in_support, inside)
+        t_in, steps = _track(state, gamma, count)
         updates = jax.tree.map(lambda st, p: st.astype(jnp.asarray(p).dtype), step, params)
         return updates, SPPState(count, base_state, z, gamma, t_in, steps)
 

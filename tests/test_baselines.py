@@ -102,18 +102,18 @@ def test_an_entry_without_effect_scores_zero_and_ranks_last(name):
     assert not keep["vo"][1, 2]
 
 
-def test_taylor_and_fisher_aggregate_per_batch_mask_gradients():
+def test_taylor_and_fisher_aggregate_per_example_mask_gradients():
     adapter = mu_adapter()
     spec, params, batches = adapter.mask_spec(), random_params(adapter), _batches(adapter, 3)
 
-    def grad(batch):  # dL/dM at M = 1, written out independently of baselines.mask_gradients
+    def grad(image, label):  # dL/dM of one example at M = 1, written out with a python loop
         def loss(m):
-            logits = adapter.module().apply({"params": params}, batch["image"], masks=m)
-            return classification_loss(logits, batch["label"])[0]
+            logits = adapter.module().apply({"params": params}, image[None], masks=m)
+            return classification_loss(logits, label[None])[0]
 
         return jax.grad(loss)(spec.init_masks())
 
-    g = [grad(b) for b in batches]
+    g = [grad(b["image"][i], b["label"][i]) for b in batches for i in range(len(b["label"]))]
     kw = dict(adapter=adapter, params=params, batches=batches)
     taylor, fisher = (baselines.importance_scores(n, spec, **kw) for n in ("taylor", "fisher"))
     for name in spec.names:

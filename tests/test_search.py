@@ -19,7 +19,7 @@ def _setup(batch=16, mode="official", **spp_kw):
     spec = a.mask_spec()
     params = random_params(a)
     tx = spp_lib.spp(mode, **spp_kw)
-    step = make_search_step(a.module().apply, spec, tx)
+    step = make_search_step(a.module().apply, spec, tx, curvature=mode == "curvature")
     x = random_images(a, n=batch, seed=3)
     labels = jnp.arange(batch) % a.config.num_classes
     return a, spec, params, tx, step, {"image": x, "label": labels}
@@ -92,7 +92,9 @@ def test_joint_weight_training_is_an_option():
     assert max(jax.tree.leaves(moved)) > 0
 
 
-@pytest.mark.parametrize("mode,kw", [("official", {}), ("paper", {"learning_rate": 0.05})])
+@pytest.mark.parametrize(
+    "mode,kw", [("official", {}), ("paper", {"learning_rate": 0.05}), ("curvature", {"lam": 0.2})]
+)
 def test_sharded_step_equals_single_device(mode, kw):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     a, spec, params, tx, step, batch = _setup(batch=16, mode=mode, **kw)
