@@ -1,20 +1,28 @@
 r"""Does the path earn its place? Every ranking on one dense model, same targets, several seeds.
 
   python bench/quality.py --workdir workdirs/vit_fmnist --seeds 3 \
-      [--rankings spp,official,paper,random,magnitude,taylor,fisher] [--allocation global] \
-      [--targets params:0.9,params:0.8,params:0.7,params:0.5,flops:0.5] [--name vit_fmnist]
+      [--rankings curvature,official,paper,lasso,random,magnitude,wanda,taylor,fisher] \
+      [--allocation per_group] \
+      [--targets params:0.9,params:0.8,params:0.7,params:0.5,flops:0.5] [--name vit_fmnist] \
+      [--finetune_rankings curvature,official,fisher,wanda,random] \
+      [--finetune_targets params:0.7,params:0.5] \
+      [--sensitivity]
 
 Reuses the dense model and config of a finished run (WORKDIR/dense, WORKDIR/config.json). For each seed s:
-- SPP rankings run a search of the run's length with data seed s (`spp` = the run's search settings,
-  `official` / `paper` = the two forms with the settings below) in WORKDIR/quality/<ranking>/seed<s>;
-- baselines (spp_jax/baselines.py) score the dense model: random with seed s, taylor and fisher on
-  `extract.score_batches` batches of the search data in seed-s order, magnitude once (no randomness);
+- SPP rankings run a search with data seed s (`spp` = the run's search settings; `curvature`, `official`,
+  `paper` = the three forms with the settings in FORMS below) in WORKDIR/quality/<ranking>/seed<s>;
+- baselines score the dense model (spp_jax/baselines.py): random with seed s; taylor, fisher and wanda on
+  `extract.score_batches` batches of the search data in seed-s order; magnitude once (no randomness);
+  lasso (spp_jax/lasso.py) runs its penalised searches on the same data;
 - every ranking, re-ranked by --allocation, selects every target; the binary-masked dense model (equal to
   the extracted one, tests/test_extraction.py) is evaluated on the run's eval split, BEFORE fine-tuning.
-Reports mean, std and per-seed accuracy per ranking and target, each ranking's wall time, and Kendall's
-tau between the first two seeds' orders of each seeded ranking. Writes bench/results/quality_<name>.json,
-a markdown table (.md) and a plot (.png) of accuracy against kept block params.
-Not yet measured here: accuracy after fine-tuning, and the kappa/lam sensitivity sweep.
+- seed 0's models of --finetune_rankings at --finetune_targets are extracted and fine-tuned with the run's
+  fine-tuning settings (`finetune.*`, the budget the default run gives its models), then evaluated;
+- --sensitivity reruns the `curvature` search of seed 0 with kappa and lam halved and doubled.
+Reports mean, std and per-seed accuracy per ranking and target, each ranking's wall time (searches: the
+whole search; baselines: scoring), and Kendall's tau between the first two seeds' orders of each seeded
+ranking. Writes bench/results/quality_<name>.json, a markdown table (.md) and a plot (.png) of accuracy
+against kept block params.
 """
 
 from __future__ import annotations
@@ -36,10 +44,18 @@ from spp_jax import baselines, checkpoint, finetune, run, selection
 from spp_jax.run_config import add_missing_keys
 from spp_jax.workdir import Workdir
 
-FORMS = {
-    "official": dict(mode="official"),
-    "paper": dict(mode="paper", lr=0.2, kappa=10.0, nu=100.0, lam=0.1, base="sgd", shrink="l1"),
+_SEARCH = dict(kappa=None, nu=None, lam=None, base=None, shrink=None)  # None = the mode's default
+FORMS = {  # every search setting spelled out, so the forms do not depend on the run's config
+    "curvature": _SEARCH | dict(mode="curvature", steps=100, lr=0.1, path_every=10),
+    "official": _SEARCH | dict(mode="official", steps=200, lr=2e-2, path_every=20),
+    "paper": dict(mode="paper", steps=200, lr=0.2, kappa=10.0, nu=100.0, lam=0.1, base="sgd", shrink="l1",
+                  path_every=20),
+}  # fmt: skip
+SENSITIVITY = {  # the curvature form's kappa and lam halved and doubled (defaults: spp_jax.spp._DEFAULTS)
+    f"curvature:{k}{v}": FORMS["curvature"] | {k: v}
+    for k, v in (("kappa", 0.5), ("kappa", 2.0), ("lam", 0.5), ("lam", 2.0))
 }
+SEARCHES = {**FORMS, **SENSITIVITY}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,9 +65,9 @@ def spp_record(cfg, name: str, seed: int, base: Path, adapter, params, train_src
     c = ml_collections.ConfigDict(cfg.to_dict())
     with c.unlocked():
         c.seed = seed
-        c.search.update(FORMS.get(name, {}))
+        c.search.update(SEARCHES.get(name, {}))
         c.search.eval_points = False
-    wd = Workdir(base / "quality" / name / f"seed{seed}").create()
+    wd = Workdir(base / "quality" / name.replace(":", "_") / f"seed{seed}").create()
     result = run.stage_search(c, wd, adapter, params, train_src, eval_src)
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
         return paths.arrays(paths.steps()[-1]), result["seconds"]
@@ -69,13 +85,50 @@ def kendall_tau(spec, a: dict, b: dict) -> float:
     return float(kendalltau(pos(a), pos(b)).statistic)
 
 
+def masked_accuracy(cfg, spec, eval_step, params, eval_batches, record, targets, allocation):
+    """{target: (binary-masked accuracy, kept block-params fraction)} of one ranking."""
+    alloc = baselines.allocate(spec, record, allocation)
+    out = {}
+    for t in targets:
+        keep = selection.select_subnetwork(spec, alloc, t, round_to=cfg.extract.round_to)
+        masks = {k: np.asarray(v, np.float32) for k, v in keep.items()}
+        out[t] = (
+            finetune.evaluate(eval_step, params, eval_batches, masks),
+            selection.keep_summary(spec, keep)["block_params_fraction"],
+        )
+    return out
+
+
+def finetuned_accuracy(cfg, base: Path, adapter, params, record, target, allocation, train_src, eval_src):
+    """Accuracy of the extracted model after the run's fine-tuning budget (`finetune.*` of its config)."""
+    spec = adapter.mask_spec()
+    keep = selection.select_subnetwork(
+        spec, baselines.allocate(spec, record, allocation), target, round_to=cfg.extract.round_to
+    )
+    small, arch = adapter.extract(params, keep)
+    module = adapter.module(arch)
+    wd = Workdir(base / "quality" / "finetune").create()
+    teacher = (adapter.module(), params) if cfg.finetune.distill else None
+    tuned = run.finetune_params(
+        cfg, wd, module, small, train_src, cfg.finetune.steps, cfg.finetune.lr, f"finetune:{target}", teacher
+    )
+    return finetune.evaluate(
+        jax.jit(finetune.make_eval_step(module.apply)), tuned, run.eval_batches(cfg, eval_src)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rankings", default="spp,official,paper,random,magnitude,taylor,fisher")
-    ap.add_argument("--allocation", default="global", choices=baselines.ALLOCATIONS)
+    ap.add_argument(
+        "--rankings", default="curvature,official,paper,lasso,random,magnitude,wanda,taylor,fisher"
+    )
+    ap.add_argument("--allocation", default="per_group", choices=baselines.ALLOCATIONS)
     ap.add_argument("--targets", default="params:0.9,params:0.8,params:0.7,params:0.5,flops:0.5")
+    ap.add_argument("--finetune_rankings", default="curvature,official,fisher,wanda,random")
+    ap.add_argument("--finetune_targets", default="params:0.7,params:0.5")
+    ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--name", default="vit_fmnist")
     args = ap.parse_args()
 
@@ -90,7 +143,16 @@ def main() -> None:
     eval_batches = list(run.eval_batches(cfg, eval_src))
     dense = finetune.evaluate(eval_step, params, eval_batches)
     targets, rankings = args.targets.split(","), args.rankings.split(",")
+    ft_rankings = [r for r in args.finetune_rankings.split(",") if r] if args.finetune_targets else []
+    ft_targets = [t for t in args.finetune_targets.split(",") if t]
     print(f"dense accuracy {dense:.4f}; {len(eval_batches)} eval batches", flush=True)
+
+    def record_of(r: str, seed: int):
+        if r in ("spp", *SEARCHES):
+            return spp_record(cfg, r, seed, base, adapter, params, train_src, eval_src)
+        t0 = time.perf_counter()
+        rec = run.ranking_record(cfg, adapter, params, train_src, r, seed)
+        return rec, time.perf_counter() - t0
 
     acc = {r: {t: [] for t in targets} for r in rankings}
     kept = {r: {t: [] for t in targets} for r in rankings}
@@ -99,25 +161,36 @@ def main() -> None:
     for seed in range(args.seeds):
         for r in rankings:
             if r == "magnitude" and seed > 0:  # deterministic: one score serves every seed
-                rec = records[r][0]
-                seconds[r].append(seconds[r][0])
+                rec, took = records[r][0], seconds[r][0]
             else:
-                if r in ("spp", *FORMS):
-                    rec, took = spp_record(cfg, r, seed, base, adapter, params, train_src, eval_src)
-                else:
-                    t0 = time.perf_counter()
-                    rec = run.ranking_record(cfg, adapter, params, train_src, r, seed)
-                    took = time.perf_counter() - t0
-                seconds[r].append(took)
+                rec, took = record_of(r, seed)
+            seconds[r].append(took)
             records[r].append(rec)
-            alloc = baselines.allocate(spec, rec, args.allocation)
-            for t in targets:
-                keep = selection.select_subnetwork(spec, alloc, t, round_to=cfg.extract.round_to)
-                masks = {k: np.asarray(v, np.float32) for k, v in keep.items()}
-                acc[r][t].append(finetune.evaluate(eval_step, params, eval_batches, masks))
-                kept[r][t].append(selection.keep_summary(spec, keep)["block_params_fraction"])
+            for t, (a, k) in masked_accuracy(
+                cfg, spec, eval_step, params, eval_batches, rec, targets, args.allocation
+            ).items():
+                acc[r][t].append(a)
+                kept[r][t].append(k)
             print(f"seed {seed} {r:10s} " + " ".join(f"{t}={acc[r][t][-1]:.4f}" for t in targets)
                   + f"  ({seconds[r][-1]:.0f}s)", flush=True)  # fmt: skip
+
+    tuned: dict[str, dict[str, float]] = {}
+    for r in ft_rankings:
+        rec = records[r][0] if r in records else record_of(r, 0)[0]
+        tuned[r] = {}
+        for t in ft_targets:
+            tuned[r][t] = finetuned_accuracy(
+                cfg, base, adapter, params, rec, t, args.allocation, train_src, eval_src
+            )
+            print(f"fine-tuned {r:10s} {t}={tuned[r][t]:.4f}", flush=True)
+
+    sensitivity: dict[str, dict[str, float]] = {}
+    if args.sensitivity:
+        for r in SENSITIVITY:
+            rec, took = record_of(r, 0)
+            res = masked_accuracy(cfg, spec, eval_step, params, eval_batches, rec, targets, args.allocation)
+            sensitivity[r] = {t: a for t, (a, _) in res.items()} | {"seconds": took}
+            print(f"sensitivity {r:18s} " + " ".join(f"{t}={res[t][0]:.4f}" for t in targets), flush=True)
 
     taus = {r: kendall_tau(spec, records[r][0], records[r][1]) for r in rankings if len(records[r]) > 1}
     out = {
@@ -126,6 +199,9 @@ def main() -> None:
         "allocation": args.allocation,
         "seeds": args.seeds,
         "eval_examples": len(eval_src) if hasattr(eval_src, "__len__") else None,
+        "finetune": {"steps": cfg.finetune.steps, "lr": cfg.finetune.lr, "distill": cfg.finetune.distill,
+                     "seed": 0, "accuracy": tuned},
+        "sensitivity_seed0": sensitivity,
         "rankings": {
             r: {
                 t: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": v,
@@ -139,20 +215,40 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"quality_{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    lines = [
-        f"Binary-masked accuracy before fine-tuning, mean ± std over {args.seeds} seed(s); "
-        f"dense {dense:.1%}; allocation {args.allocation}.",
-        "",
-        "| ranking | " + " | ".join(targets) + " | seconds | tau(seed 0, 1) |",
-        "|---|" + "---|" * (len(targets) + 2),
-    ]
-    for r in rankings:
-        cells = [f"{np.mean(acc[r][t]):.1%} ± {np.std(acc[r][t]):.1%}" for t in targets]
-        tau = f"{taus[r]:.2f}" if r in taus else "–"
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {np.mean(seconds[r]):.0f} | {tau} |")
+    lines = _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(stem.with_suffix(".png"), rankings, targets, acc, kept, dense)
+
+
+def _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity) -> list[str]:
+    ft_cols = [f"{t} tuned" for t in ft_targets]
+    lines = [
+        f"Binary-masked accuracy before fine-tuning, mean ± std over {args.seeds} seed(s); "
+        f"dense {dense:.1%}; allocation {args.allocation}. 'tuned': after the run's fine-tuning "
+        "budget, seed 0.",
+        "",
+        "| ranking | " + " | ".join(targets + ft_cols) + " | seconds | tau(seed 0, 1) |",
+        "|---|" + "---|" * (len(targets) + len(ft_cols) + 2),
+    ]
+    for r in rankings:
+        cells = [f"{np.mean(acc[r][t]):.1%} ± {np.std(acc[r][t]):.1%}" for t in targets]
+        cells += [f"{tuned[r][t]:.1%}" if r in tuned else "–" for t in ft_targets]
+        tau = f"{taus[r]:.2f}" if r in taus else "–"
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {np.mean(seconds[r]):.0f} | {tau} |")
+    if sensitivity:
+        lines += [
+            "",
+            "Sensitivity of the curvature form (seed 0, before fine-tuning):",
+            "",
+            "| search | " + " | ".join(targets) + " | seconds |",
+            "|---|" + "---|" * (len(targets) + 1),
+        ]
+        for r, v in sensitivity.items():
+            lines.append(
+                f"| {r} | " + " | ".join(f"{v[t]:.1%}" for t in targets) + f" | {v['seconds']:.0f} |"
+            )
+    return lines
 
 
 def _plot(path: Path, rankings, targets, acc, kept, dense: float) -> None:
