@@ -9,8 +9,8 @@ groups:qk=F,vo=F,mlp=F (fraction of entries per group), step:N (support of Gamma
 (random, magnitude, taylor, fisher, wanda; spp_jax/baselines.py) or lasso (l1-penalised mask runs, one per
 penalty of the run's extract.lasso_penalties; spp_jax/lasso.py); --allocation how groups share a budget
 (global: one ranking over all groups, per_group: the same fraction of every group).
-Each model lands in WORKDIR/extracted/<target>/ (for a baseline or per_group:
-extracted/<ranking>_<target>[_per_group]/) and loads with spp_jax.load_pruned(dir).
+Each model lands in WORKDIR/extracted/[<ranking>_]<target>[_global]/ (the ranking named unless it is the
+path, the rule unless it is per_group) and loads with spp_jax.load_pruned(dir).
 """
 
 from _common import load_run_config, run_main

@@ -365,7 +365,8 @@ def extract_targets(
 
     The ranking is `cfg.extract.ranking`: "path" (the stored solution path) or a one-shot baseline of
     spp_jax.baselines, re-ranked by the allocation rule `cfg.extract.allocation`. Models land in
-    extracted/<target>/ for the path with global allocation, else extracted/<ranking>_<target>[_<rule>]/.
+    extracted/[<ranking>_]<target>[_<rule>]/: the ranking is named unless it is the path, the rule unless it
+    is per_group (the default).
     """
     spec = adapter.mask_spec()
     e = cfg.extract
@@ -395,7 +396,7 @@ def extract_targets(
         small, arch = adapter.extract(params, keep, masks=masks, fold_masks=e.fold_masks)
         n_params, macs = adapter.arch_cost(arch)
         name = text if ranking == "path" else f"{ranking}:{text}"
-        name += "" if allocation == "global" else f":{allocation}"
+        name += "" if allocation == "per_group" else f":{allocation}"  # the default rule is unmarked
         directory = wd.path / "extracted" / target_dirname(name)
         summary = selection.keep_summary(spec, adapter.normalize_keep(keep))
         eval_step = jax.jit(finetune.make_eval_step(adapter.module(arch).apply))

@@ -284,7 +284,8 @@ def spp(
         Paper: "sgd". Official: "adam".
       b1, b2: Adam decay rates in [0, 1) (b1 also sets official mode's bias-corrected Z step).
       eps: Adam epsilon, > 0. Paper: 1e-8 (optax default). Official: 1e-4.
-      z_uses_updated_mask: Z step uses M_{k+1} instead of M_k. Paper: False. Official, curvature: True.
+      z_uses_updated_mask: Z step uses M_{k+1} instead of M_k. Paper: False. Official: True.
+        Curvature: always M_{k+1} (this argument and eps are not used).
       curvature_decay: curvature form: EMA decay in [0, 1) of the curvature passed to update.
 
     Returns:
@@ -312,8 +313,13 @@ def spp(
     _check("nu", nu, nu > 0, "> 0 (inf = no coupling)")
     if mode in ("paper", "curvature") and math.isinf(nu):
         raise ConfigError(
-            f"spp: nu=inf in {mode} mode leaves M without its pull towards Gamma; "
-            "use a finite nu > 0 or mode='official'"
+            f"spp: nu=inf in {mode} mode "
+            + (
+                "makes the Z step alpha/nu zero, so Gamma never moves; "
+                if mode == "paper"
+                else "leaves the exact M step no pull towards Gamma; "
+            )
+            + "use a finite nu > 0 or mode='official'"
         )
     _check("lam", lam, 0 <= lam < math.inf, "finite >= 0")
     _check("b1", b1, 0 <= b1 < 1, "[0, 1)")

@@ -224,7 +224,7 @@ def test_extract_script_takes_a_baseline_ranking_and_allocation(full_run):
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    d = wd / "extracted" / "fisher_params_0.5_per_group"
+    d = wd / "extracted" / "fisher_params_0.5"  # per_group, the default rule, is not named
     module, params, arch = checkpoint.load_pruned(d)
     meta = json.loads((d / "meta.json").read_text())
     assert (meta["ranking"], meta["allocation"]) == ("fisher", "per_group")
