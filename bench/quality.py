@@ -99,22 +99,34 @@ def masked_accuracy(cfg, spec, eval_step, params, eval_batches, record, targets,
     return out
 
 
-def finetuned_accuracy(cfg, base: Path, adapter, params, record, target, allocation, train_src, eval_src):
-    """Accuracy of the extracted model after the run's fine-tuning budget (`finetune.*` of its config)."""
+def finetuned_accuracy(cfg, base: Path, adapter, params, ranking: str, record, target, allocation, sources):
+    """Accuracy of the extracted model after the run's fine-tuning budget (`finetune.*` of its config).
+
+    Each result is kept in WORKDIR/quality/finetune/accuracy.json under its ranking, target, allocation and
+    budget, and reused, so an interrupted bench loses at most the model in progress."""
+    f = cfg.finetune
+    key = f"{ranking}|{target}|{allocation}|steps={f.steps}|lr={f.lr}|distill={f.distill}|seed={cfg.seed}"
+    wd = Workdir(base / "quality" / "finetune").create()
+    cache_file = wd.path / "accuracy.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    if key in cache:
+        return cache[key]
     spec = adapter.mask_spec()
     keep = selection.select_subnetwork(
         spec, baselines.allocate(spec, record, allocation), target, round_to=cfg.extract.round_to
     )
     small, arch = adapter.extract(params, keep)
     module = adapter.module(arch)
-    wd = Workdir(base / "quality" / "finetune").create()
-    teacher = (adapter.module(), params) if cfg.finetune.distill else None
+    teacher = (adapter.module(), params) if f.distill else None
+    train_src, eval_src = sources
     tuned = run.finetune_params(
-        cfg, wd, module, small, train_src, cfg.finetune.steps, cfg.finetune.lr, f"finetune:{target}", teacher
+        cfg, wd, module, small, train_src, f.steps, f.lr, f"finetune:{target}", teacher
     )
-    return finetune.evaluate(
+    acc = finetune.evaluate(
         jax.jit(finetune.make_eval_step(module.apply)), tuned, run.eval_batches(cfg, eval_src)
     )
+    checkpoint.write_json_atomic(cache_file, cache | {key: acc})
+    return acc
 
 
 def main() -> None:
@@ -180,7 +192,7 @@ def main() -> None:
         tuned[r] = {}
         for t in ft_targets:
             tuned[r][t] = finetuned_accuracy(
-                cfg, base, adapter, params, rec, t, args.allocation, train_src, eval_src
+                cfg, base, adapter, params, r, rec, t, args.allocation, (train_src, eval_src)
             )
             print(f"fine-tuned {r:10s} {t}={tuned[r][t]:.4f}", flush=True)
 

@@ -127,22 +127,9 @@ def lasso_path(
     params: Any,
     batches: Batches,
     penalties: Sequence[float],
-    *,
-    steps: int,
-    lr: float,
-    calib_batches: int = 8,
-    loss_fn: Callable | None = None,
+    **options: Any,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """The lasso ranking of `spec`'s entries: `lasso_runs` then `lasso_record`."""
-    finals, nonzero, _ = lasso_runs(
-        apply_fn,
-        spec,
-        params,
-        batches,
-        penalties,
-        steps=steps,
-        lr=lr,
-        calib_batches=calib_batches,
-        loss_fn=loss_fn,
-    )
+    """The lasso ranking of `spec`'s entries: `lasso_runs` (`options`: its keyword arguments), then
+    `lasso_record`."""
+    finals, nonzero, _ = lasso_runs(apply_fn, spec, params, batches, penalties, **options)
     return lasso_record(spec, finals, nonzero)
