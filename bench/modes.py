@@ -23,14 +23,15 @@ import ml_collections
 from spp_jax import baselines, checkpoint, finetune, run, selection
 from spp_jax.workdir import Workdir
 
+_OFFICIAL = dict(mode="official", lr=2e-2, steps=200, path_every=20)  # the settings these rows were run with
 MODES = {
-    "official": dict(mode="official"),
+    "official": _OFFICIAL,
     # The official form with a 4x smaller step and 3.5x the steps: more gradient averaging before entries.
-    "official-slow": dict(mode="official", lr=5e-3, steps=700, path_every=50),
+    "official-slow": _OFFICIAL | dict(lr=5e-3, steps=700, path_every=50),
     # The official form searching on 5k images the probe head was NOT fitted on.
-    "official-heldout": dict(mode="official", search_split="train[5000:10000]"),
+    "official-heldout": _OFFICIAL | dict(search_split="train[5000:10000]"),
     # Paper form: kappa * alpha = 0.05 is far below the stability bound nu / (1 + nu L) for L < 20.
-    "paper": dict(mode="paper", lr=0.05, kappa=1.0, nu=10.0, lam=0.5),
+    "paper": dict(mode="paper", lr=0.05, kappa=1.0, nu=10.0, lam=0.5, steps=200, path_every=20),
 }
 
 
