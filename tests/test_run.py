@@ -87,8 +87,11 @@ def test_unreachable_and_missing_targets(full_run, cfg):
     adapter = run.build_adapter(cfg, 10)
     with pytest.raises(UnreachableTarget, match="smallest reachable"):
         run.extract_targets(cfg, w, adapter, params, eval_src, ["flops:0.001"])
-    with pytest.raises(CheckpointMismatch, match="no path point at step 7"):
-        run.extract_targets(cfg, w, adapter, params, eval_src, ["step:7"])
+    with checkpoint.PathStore(wd / "search" / "path", read_only=True) as paths:
+        stored = set(paths.steps())
+    missing = min(set(range(1, cfg.search.steps + 2)) - stored)  # a step the search did not store
+    with pytest.raises(CheckpointMismatch, match=f"no path point at step {missing}"):
+        run.extract_targets(cfg, w, adapter, params, eval_src, [f"step:{missing}"])
 
 
 def _search(cfg, wd, stop_after=None, nan_at=None):
