@@ -97,16 +97,15 @@ def mask_gradient_moments(
     `loss_fn(logits, labels) -> (loss, aux)`, called on one example; None = softmax cross-entropy
     (search.classification_loss).
     """
-    if loss_fn is None:
-        from spp_jax.search import classification_loss as loss_fn
+    from spp_jax.search import classification_loss, per_example_mask_gradients
+
+    loss_fn = classification_loss if loss_fn is None else loss_fn
 
     @jax.jit
     def moments(params, masks, batch):
-        def loss(m, image, label):
-            logits = apply_fn({"params": params}, image[None], masks=m, train=False)
-            return loss_fn(logits, label[None])[0]
-
-        per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(masks, batch["image"], batch["label"])
+        _, per_ex = per_example_mask_gradients(
+            apply_fn, loss_fn, params, masks, batch["image"], batch["label"]
+        )
         return jax.tree.map(lambda g: g.sum(0), per_ex), jax.tree.map(lambda g: (g * g).sum(0), per_ex)
 
     ones = spec.init_masks()

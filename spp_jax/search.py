@@ -62,6 +62,21 @@ def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return loss, acc
 
 
+def per_example_mask_gradients(
+    apply_fn: ApplyFn, loss_fn: Callable, params: Params, masks: Masks, images: jax.Array, labels: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], Masks]:
+    """((loss_e, aux_e), dL_e/dM) for every example e of the batch (vmap; leading axis = example)."""
+
+    def one(image, label):
+        def loss_of(m):
+            logits = apply_fn({"params": params}, image[None], masks=m, train=False)
+            return loss_fn(logits, label[None])
+
+        return jax.value_and_grad(loss_of, has_aux=True)(masks)
+
+    return jax.vmap(one)(images, labels)
+
+
 def path_metrics(spec: MaskSpec, opt_state: spp_lib.SPPState) -> dict[str, jax.Array]:
     """Support fraction per group and the params/MACs fraction the support of Gamma keeps (on device)."""
     supp = spp_lib.support(opt_state)
@@ -104,10 +119,9 @@ def make_search_step(
 
         extra = {}
         if curvature:
-            one = lambda x, y: jax.value_and_grad(loss_of, has_aux=True)(
-                state.masks, params, x[None], y[None]
+            (losses, accs), per_ex = per_example_mask_gradients(
+                apply_fn, loss_fn, params, state.masks, batch["image"], batch["label"]
             )
-            (losses, accs), per_ex = jax.vmap(one)(batch["image"], batch["label"])
             loss, acc = losses.mean(), accs.mean()
             grads = jax.tree.map(lambda g: g.mean(0), per_ex)
             extra["curvature"] = jax.tree.map(lambda g: jnp.square(g).mean(0), per_ex)

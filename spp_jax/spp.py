@@ -193,6 +193,20 @@ def scale_by_adam_precise(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _initial_state(params: Masks, base_state: Any) -> SPPState:
+    """Count 0, Z = Gamma = 0, t_in = inf, no steps in support, for masks shaped like `params`."""
+    # Z and Gamma need their own buffers: one array in two leaves breaks buffer donation.
+    zeros = lambda: jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), params)
+    return SPPState(
+        count=jnp.zeros([], jnp.int32),
+        base_state=base_state,
+        z=zeros(),
+        gamma=zeros(),
+        t_in=jax.tree.map(lambda m: jnp.full(jnp.shape(m), jnp.inf, jnp.float32), params),
+        steps_in_support=jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.int32), params),
+    )
+
+
 def _track(state: SPPState, gamma: Masks, count: jax.Array) -> tuple[Masks, Masks]:
     """t_in and steps_in_support after an update that left `gamma` at step `count`."""
     inside = jax.tree.map(lambda ga: ga != 0, gamma)
@@ -209,15 +223,8 @@ def _curvature_form(
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
     def init_fn(params: Masks) -> SPPState:
-        zeros = lambda: jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), params)
-        return SPPState(
-            count=jnp.zeros([], jnp.int32),
-            base_state=CurvatureState(ema=zeros(), scale=jnp.zeros([], jnp.float32)),
-            z=zeros(),
-            gamma=zeros(),
-            t_in=jax.tree.map(lambda m: jnp.full(jnp.shape(m), jnp.inf, jnp.float32), params),
-            steps_in_support=jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.int32), params),
-        )
+        ema = jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), params)
+        return _initial_state(params, CurvatureState(ema=ema, scale=jnp.zeros([], jnp.float32)))
 
     def update_fn(grads: Masks, state: SPPState, params: Masks | None = None, curvature=None, **extra):
         del grads, extra
@@ -335,16 +342,7 @@ def spp(
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
     def init_fn(params: Masks) -> SPPState:
-        # Z and Gamma need their own buffers: one array in two leaves breaks buffer donation.
-        zeros = lambda: jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.float32), params)
-        return SPPState(
-            count=jnp.zeros([], jnp.int32),
-            base_state=inner.init(jax.tree.map(f32, params)),
-            z=zeros(),
-            gamma=zeros(),
-            t_in=jax.tree.map(lambda m: jnp.full(jnp.shape(m), jnp.inf, jnp.float32), params),
-            steps_in_support=jax.tree.map(lambda m: jnp.zeros(jnp.shape(m), jnp.int32), params),
-        )
+        return _initial_state(params, inner.init(jax.tree.map(f32, params)))
 
     def update_fn(grads: Masks, state: SPPState, params: Masks | None = None, **extra_args):
         del extra_args
