@@ -11,16 +11,20 @@ A finished search in WORKDIR/modes/<name> is reused (delete it to rerun).
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax
 import ml_collections
 
-from spp_jax import baselines, checkpoint, finetune, run, selection
+from spp_jax import baselines, checkpoint, selection
+from spp_jax.stages.context import make_context
+from spp_jax.stages.dense import evaluate_params
+from spp_jax.stages.extract import extract_targets
+from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
 
 _OFFICIAL = dict(mode="official", lr=2e-2, steps=200, path_every=20)  # the settings these rows were run with
@@ -35,11 +39,12 @@ MODES = {
 }
 
 
-def random_baseline(cfg, adapter, params, eval_src, targets, base: Path) -> dict[str, float]:
+def random_baseline(ctx, params, targets) -> dict[str, float]:
     """Accuracy of the same targets selected from a random ranking with the same kept fraction in every
     group (spp_jax.baselines: random scores, per-group allocation). Ranking raw per-group permutations
     globally would put every qk/vo entry (ranks < 64 per layer) ahead of almost every mlp entry: that is
     MLP-only pruning, not a random floor."""
+    cfg, adapter = ctx.cfg, ctx.adapter
     spec = adapter.mask_spec()
     scores = baselines.importance_scores("random", spec, seed=0)
     record = baselines.allocate(spec, baselines.score_record(spec, scores), "per_group")
@@ -47,8 +52,7 @@ def random_baseline(cfg, adapter, params, eval_src, targets, base: Path) -> dict
     for t in targets:
         keep = selection.select_subnetwork(spec, record, t, round_to=cfg.extract.round_to)
         small, arch = adapter.extract(params, keep)
-        step = jax.jit(finetune.make_eval_step(adapter.module(arch).apply))
-        out[t] = finetune.evaluate(step, small, run.eval_batches(cfg, eval_src))
+        out[t] = evaluate_params(ctx, small, arch)
     return out
 
 
@@ -62,8 +66,7 @@ def main() -> None:
 
     base = Path(args.workdir)
     cfg = ml_collections.ConfigDict(json.loads((base / "config.json").read_text()))
-    train_src, eval_src = run.sources(cfg)
-    adapter = run.build_adapter(cfg)
+    ctx = make_context(cfg)
     _, params, _ = checkpoint.load_pruned(base / "dense")
     targets = args.targets.split(",") if args.targets else list(cfg.extract.targets)
     results = {}
@@ -75,15 +78,16 @@ def main() -> None:
             c.search.update(setting)
             c.search.eval_points = False
         wd = Workdir(base / "modes" / name).create()
-        seconds = run.stage_search(c, wd, adapter, params, train_src, eval_src)["seconds"]
-        extracted = run.extract_targets(c, wd, adapter, params, eval_src, targets)
+        c_ctx = dataclasses.replace(ctx, cfg=c)
+        seconds = stage_search(c_ctx, wd, params)["seconds"]
+        extracted = extract_targets(c_ctx, wd, params, targets)
         results[name] = {
             "search": MODES[name],
             "search_seconds": seconds,
             "accuracy_masked": {t["target"]: t["accuracy_masked"] for t in extracted},
         }
         print(name, json.dumps(results[name]), flush=True)
-    results["random"] = {"accuracy_masked": random_baseline(cfg, adapter, params, eval_src, targets, base)}
+    results["random"] = {"accuracy_masked": random_baseline(ctx, params, targets)}
     print(f"{'mode':10s} " + " ".join(f"{t:>12s}" for t in targets) + "   search s")
     for name, r in results.items():
         accs = " ".join(f"{r['accuracy_masked'][t]:12.4f}" for t in targets)

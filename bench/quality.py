@@ -28,6 +28,8 @@ against kept block params.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -39,9 +41,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs.vit import get_config
-from spp_jax import baselines, checkpoint, finetune, run, selection
+from spp_jax import baselines, checkpoint, finetune, selection
 from spp_jax.run_config import add_missing_keys
+from spp_jax.stages.context import RunContext, make_context
+from spp_jax.stages.dense import evaluate_params
+from spp_jax.stages.extract import ranking_record
+from spp_jax.stages.finetune import finetune_params
+from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
 
 _SEARCH = dict(kappa=None, nu=None, lam=None, base=None, shrink=None)  # None = the mode's default
@@ -59,16 +65,16 @@ SEARCHES = {**FORMS, **SENSITIVITY}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def spp_record(cfg, name: str, seed: int, base: Path, adapter, params, train_src, eval_src):
+def spp_record(ctx: RunContext, name: str, seed: int, base: Path, params):
     """(final path point, search seconds) of a search with seed `seed`; a finished search in
     WORKDIR/quality/<name>/seed<s> is reused with the seconds it took then."""
-    c = ml_collections.ConfigDict(cfg.to_dict())
+    c = ml_collections.ConfigDict(ctx.cfg.to_dict())
     with c.unlocked():
         c.seed = seed
         c.search.update(SEARCHES.get(name, {}))
         c.search.eval_points = False
     wd = Workdir(base / "quality" / name.replace(":", "_") / f"seed{seed}").create()
-    result = run.stage_search(c, wd, adapter, params, train_src, eval_src)
+    result = stage_search(dataclasses.replace(ctx, cfg=c), wd, params)
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
         return paths.arrays(paths.steps()[-1]), result["seconds"]
 
@@ -85,25 +91,27 @@ def kendall_tau(spec, a: dict, b: dict) -> float:
     return float(kendalltau(pos(a), pos(b)).statistic)
 
 
-def masked_accuracy(cfg, spec, eval_step, params, eval_batches, record, targets, allocation):
-    """{target: (binary-masked accuracy, kept block-params fraction)} of one ranking."""
+def masked_metric(ctx, spec, eval_step, params, eval_batches, record, targets, allocation):
+    """{target: (the task's metric of the binary-masked model, kept block-params fraction)} of a ranking."""
+    cfg = ctx.cfg
     alloc = baselines.allocate(spec, record, allocation)
     out = {}
     for t in targets:
         keep = selection.select_subnetwork(spec, alloc, t, round_to=cfg.extract.round_to)
         masks = {k: np.asarray(v, np.float32) for k, v in keep.items()}
         out[t] = (
-            finetune.evaluate(eval_step, params, eval_batches, masks),
+            finetune.evaluate(eval_step, params, eval_batches, masks, ctx.task),
             selection.keep_summary(spec, keep)["block_params_fraction"],
         )
     return out
 
 
-def finetuned_accuracy(cfg, base: Path, adapter, params, ranking: str, record, target, allocation, sources):
-    """Accuracy of the extracted model after the run's fine-tuning budget (`finetune.*` of its config).
+def finetuned_metric(ctx: RunContext, base: Path, params, ranking: str, record, target, allocation):
+    """The task's metric of the extracted model after the run's fine-tuning budget (`finetune.*`).
 
     Each result is kept in WORKDIR/quality/finetune/accuracy.json under its ranking, target, allocation and
     budget, and reused, so an interrupted bench loses at most the model in progress."""
+    cfg, adapter = ctx.cfg, ctx.adapter
     f = cfg.finetune
     key = f"{ranking}|{target}|{allocation}|steps={f.steps}|lr={f.lr}|distill={f.distill}|seed={cfg.seed}"
     wd = Workdir(base / "quality" / "finetune").create()
@@ -118,13 +126,10 @@ def finetuned_accuracy(cfg, base: Path, adapter, params, ranking: str, record, t
     small, arch = adapter.extract(params, keep)
     module = adapter.module(arch)
     teacher = (adapter.module(), params) if f.distill else None
-    train_src, eval_src = sources
-    tuned = run.finetune_params(
-        cfg, wd, module, small, train_src, f.steps, f.lr, f"finetune:{target}", teacher
+    tuned = finetune_params(
+        ctx, wd, module, small, ctx.train_src, f.steps, f.lr, f"finetune:{target}", teacher
     )
-    acc = finetune.evaluate(
-        jax.jit(finetune.make_eval_step(module.apply)), tuned, run.eval_batches(cfg, eval_src)
-    )
+    acc = evaluate_params(ctx, tuned, arch)
     checkpoint.write_json_atomic(cache_file, cache | {key: acc})
     return acc
 
@@ -146,24 +151,25 @@ def main() -> None:
 
     base = Path(args.workdir)
     cfg = ml_collections.ConfigDict(json.loads((base / "config.json").read_text()))
-    add_missing_keys(cfg, get_config())
-    train_src, eval_src = run.sources(cfg)
-    adapter = run.build_adapter(cfg)
+    add_missing_keys(cfg, importlib.import_module(f"configs.{cfg.model.get('arch', 'vit')}").get_config())
+    ctx = make_context(cfg)
+    adapter, task, eval_src = ctx.adapter, ctx.task, ctx.eval_src
     spec = adapter.mask_spec()
     _, params, _ = checkpoint.load_pruned(base / "dense")
-    eval_step = jax.jit(finetune.make_eval_step(adapter.module().apply))
-    eval_batches = list(run.eval_batches(cfg, eval_src))
-    dense = finetune.evaluate(eval_step, params, eval_batches)
+    eval_step = jax.jit(finetune.make_eval_step(adapter.module().apply, task))
+    eval_batches = list(task.eval_batches(eval_src))
+    dense = finetune.evaluate(eval_step, params, eval_batches, task=task)
+    fmt = _formatter(task.metric)
     targets, rankings = args.targets.split(","), args.rankings.split(",")
     ft_rankings = [r for r in args.finetune_rankings.split(",") if r] if args.finetune_targets else []
     ft_targets = [t for t in args.finetune_targets.split(",") if t]
-    print(f"dense accuracy {dense:.4f}; {len(eval_batches)} eval batches", flush=True)
+    print(f"dense {task.metric} {dense:.4f}; {len(eval_batches)} eval batches", flush=True)
 
     def record_of(r: str, seed: int):
         if r in ("spp", *SEARCHES):
-            return spp_record(cfg, r, seed, base, adapter, params, train_src, eval_src)
+            return spp_record(ctx, r, seed, base, params)
         t0 = time.perf_counter()
-        rec = run.ranking_record(cfg, adapter, params, train_src, r, seed)
+        rec = ranking_record(ctx, params, r, seed)
         return rec, time.perf_counter() - t0
 
     acc = {r: {t: [] for t in targets} for r in rankings}
@@ -178,8 +184,8 @@ def main() -> None:
                 rec, took = record_of(r, seed)
             seconds[r].append(took)
             records[r].append(rec)
-            for t, (a, k) in masked_accuracy(
-                cfg, spec, eval_step, params, eval_batches, rec, targets, args.allocation
+            for t, (a, k) in masked_metric(
+                ctx, spec, eval_step, params, eval_batches, rec, targets, args.allocation
             ).items():
                 acc[r][t].append(a)
                 kept[r][t].append(k)
@@ -191,23 +197,22 @@ def main() -> None:
         rec = records[r][0] if r in records else record_of(r, 0)[0]
         tuned[r] = {}
         for t in ft_targets:
-            tuned[r][t] = finetuned_accuracy(
-                cfg, base, adapter, params, r, rec, t, args.allocation, (train_src, eval_src)
-            )
+            tuned[r][t] = finetuned_metric(ctx, base, params, r, rec, t, args.allocation)
             print(f"fine-tuned {r:10s} {t}={tuned[r][t]:.4f}", flush=True)
 
     sensitivity: dict[str, dict[str, float]] = {}
     if args.sensitivity:
         for r in SENSITIVITY:
             rec, took = record_of(r, 0)
-            res = masked_accuracy(cfg, spec, eval_step, params, eval_batches, rec, targets, args.allocation)
+            res = masked_metric(ctx, spec, eval_step, params, eval_batches, rec, targets, args.allocation)
             sensitivity[r] = {t: a for t, (a, _) in res.items()} | {"seconds": took}
             print(f"sensitivity {r:18s} " + " ".join(f"{t}={res[t][0]:.4f}" for t in targets), flush=True)
 
     taus = {r: kendall_tau(spec, records[r][0], records[r][1]) for r in rankings if len(records[r]) > 1}
     out = {
         "command": " ".join(sys.argv),
-        "dense_accuracy": dense,
+        "metric": task.metric,
+        "dense_accuracy" if task.metric == "accuracy" else f"dense_{task.metric}": dense,
         "allocation": args.allocation,
         "seeds": args.seeds,
         "eval_examples": len(eval_src) if hasattr(eval_src, "__len__") else None,
@@ -227,25 +232,32 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"quality_{args.name}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2))
-    lines = _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity)
+    lines = _table(
+        args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity, fmt, task
+    )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(stem.with_suffix(".png"), rankings, targets, acc, kept, dense)
+    _plot(stem.with_suffix(".png"), rankings, targets, acc, kept, dense, task.metric)
 
 
-def _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity) -> list[str]:
+def _formatter(metric: str):
+    return (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:.2f}")
+
+
+def _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets, sensitivity, fmt, task):
     ft_cols = [f"{t} tuned" for t in ft_targets]
+    better = "higher" if task.higher_is_better else "lower"
     lines = [
-        f"Binary-masked accuracy before fine-tuning, mean ± std over {args.seeds} seed(s); "
-        f"dense {dense:.1%}; allocation {args.allocation}. 'tuned': after the run's fine-tuning "
-        "budget, seed 0.",
+        f"Binary-masked {task.metric} ({better} is better) before fine-tuning, mean ± std over "
+        f"{args.seeds} seed(s); dense {fmt(dense)}; allocation {args.allocation}. 'tuned': after the "
+        "run's fine-tuning budget, seed 0.",
         "",
         "| ranking | " + " | ".join(targets + ft_cols) + " | seconds | tau(seed 0, 1) |",
         "|---|" + "---|" * (len(targets) + len(ft_cols) + 2),
     ]
     for r in rankings:
-        cells = [f"{np.mean(acc[r][t]):.1%} ± {np.std(acc[r][t]):.1%}" for t in targets]
-        cells += [f"{tuned[r][t]:.1%}" if r in tuned else "–" for t in ft_targets]
+        cells = [f"{fmt(np.mean(acc[r][t]))} ± {fmt(np.std(acc[r][t]))}" for t in targets]
+        cells += [fmt(tuned[r][t]) if r in tuned else "–" for t in ft_targets]
         tau = f"{taus[r]:.2f}" if r in taus else "–"
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {np.mean(seconds[r]):.0f} | {tau} |")
     if sensitivity:
@@ -257,13 +269,11 @@ def _table(args, targets, rankings, acc, seconds, taus, dense, tuned, ft_targets
             "|---|" + "---|" * (len(targets) + 1),
         ]
         for r, v in sensitivity.items():
-            lines.append(
-                f"| {r} | " + " | ".join(f"{v[t]:.1%}" for t in targets) + f" | {v['seconds']:.0f} |"
-            )
+            lines.append(f"| {r} | " + " | ".join(fmt(v[t]) for t in targets) + f" | {v['seconds']:.0f} |")
     return lines
 
 
-def _plot(path: Path, rankings, targets, acc, kept, dense: float) -> None:
+def _plot(path: Path, rankings, targets, acc, kept, dense: float, metric: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
@@ -276,7 +286,9 @@ def _plot(path: Path, rankings, targets, acc, kept, dense: float) -> None:
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=r)
     ax.axhline(dense, color="gray", ls="--", lw=1, label="dense")
     ax.set_xlabel("kept fraction of block params")
-    ax.set_ylabel("accuracy before fine-tuning")
+    ax.set_ylabel(f"{metric} before fine-tuning")
+    if metric == "perplexity":
+        ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,8 +23,9 @@ import optax
 
 from spp_jax.adapters import ViTAdapter
 from spp_jax.models.vit import VARIANTS, vit_config
-from spp_jax.search import classification_loss, init_search_state, make_search_step
+from spp_jax.search import init_search_state, make_search_step
 from spp_jax.spp import spp
+from spp_jax.tasks.image_classification import classification_loss
 
 
 def time_compiled(fn, args, steps: int, carry: int) -> dict:

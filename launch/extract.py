@@ -38,8 +38,10 @@ def main(argv):
         )
     cfg = load_run_config(_WORKDIR.value)
     # the heavy imports only once the workdir is known to be one
-    from spp_jax import checkpoint, run
+    from spp_jax import checkpoint
     from spp_jax.run_config import validate_config
+    from spp_jax.stages.context import make_context
+    from spp_jax.stages.extract import extract_targets
     from spp_jax.workdir import Workdir
 
     if _ROUND_TO.value is not None:
@@ -51,10 +53,9 @@ def main(argv):
             cfg.extract[key] = flag.value
     validate_config(cfg)
     wd = Workdir(_WORKDIR.value)
-    train_src, eval_src = run.sources(cfg)
+    ctx = make_context(cfg)
     _, params, _ = checkpoint.load_pruned(wd.path / "dense")
-    adapter = run.build_adapter(cfg)
-    run.extract_targets(cfg, wd, adapter, params, eval_src, _TARGETS.value, train_src)  # logs each model
+    extract_targets(ctx, wd, params, _TARGETS.value)  # logs each model
 
 
 if __name__ == "__main__":

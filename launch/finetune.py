@@ -28,22 +28,22 @@ def main(argv):
         raise ConfigError(f"--steps={_STEPS.value} is not allowed; use an integer >= 1")
     cfg = load_run_config(_WORKDIR.value)
     # the heavy imports only once the workdir is known to be one
-    from spp_jax import checkpoint, preemption, run
+    from spp_jax import checkpoint, preemption
+    from spp_jax.stages.context import make_context
+    from spp_jax.stages.finetune import evaluate_model, finetune_model
     from spp_jax.workdir import Workdir
 
     if _DISTILL.value is not None:
         cfg.finetune.distill = _DISTILL.value
     wd = Workdir(_WORKDIR.value)
-    train_src, eval_src = run.sources(cfg)
-    module, params, _ = checkpoint.load_pruned(_MODEL.value)  # checked before anything is written
-    teacher = None
-    if cfg.finetune.distill:
-        module, params, _ = checkpoint.load_pruned(wd.path / "dense")
-        teacher = (module, params)
+    ctx = make_context(cfg)
+    checkpoint.load_pruned(_MODEL.value)  # checked before anything is written
+    teacher = checkpoint.load_pruned(wd.path / "dense")[:2] if cfg.finetune.distill else None
     with preemption.stop_signals():
-        out = run.finetune_model(cfg, wd, Path(_MODEL.value), train_src, teacher, _STEPS.value)
-        r = run.evaluate_model(cfg, out, eval_src)
-    print(f"{out}: accuracy {r['accuracy']:.4f}, {r['throughput']:.1f} img/s")
+        out = finetune_model(ctx, wd, Path(_MODEL.value), teacher, _STEPS.value)
+        r = evaluate_model(ctx, out)
+    metric, unit = ctx.task.metric, ctx.task.throughput_unit
+    print(f"{out}: {metric} {r[metric]:.4f}, {r['throughput']:.1f} {unit}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from flax import traverse_util
 from spp_jax import selection
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
+from spp_jax.tasks import Task, default_task
 
 SCORES = ("random", "magnitude", "taylor", "fisher", "wanda")
 RANKINGS = ("path", *SCORES, "lasso")
@@ -89,23 +90,16 @@ def mask_gradient_moments(
     spec: MaskSpec,
     params: Any,
     batches: Iterable[Mapping[str, Any]],
-    loss_fn: Callable | None = None,
+    task: Task | None = None,
 ) -> Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Per batch b, the sums over its examples e of dL_e/dM and of (dL_e/dM)^2 at M = 1 (one jitted,
-    vmapped per-example gradient per batch; no weight gradient is formed).
-
-    `loss_fn(logits, labels) -> (loss, aux)`, called on one example; None = softmax cross-entropy
-    (search.classification_loss).
+    vmapped per-example gradient per batch of `task`'s loss; no weight gradient is formed).
     """
-    from spp_jax.search import classification_loss, per_example_mask_gradients
-
-    loss_fn = classification_loss if loss_fn is None else loss_fn
+    from spp_jax.search import per_example_mask_gradients
 
     @jax.jit
     def moments(params, masks, batch):
-        _, per_ex = per_example_mask_gradients(
-            apply_fn, loss_fn, params, masks, batch["image"], batch["label"]
-        )
+        _, per_ex = per_example_mask_gradients(apply_fn, task, params, masks, batch)
         return jax.tree.map(lambda g: g.sum(0), per_ex), jax.tree.map(lambda g: (g * g).sum(0), per_ex)
 
     ones = spec.init_masks()
@@ -120,7 +114,11 @@ def _layer_order(path: tuple[str, ...]) -> tuple:
 
 
 def mask_input_norms(
-    apply_fn: Callable, spec: MaskSpec, params: Any, batches: Iterable[Mapping[str, Any]]
+    apply_fn: Callable,
+    spec: MaskSpec,
+    params: Any,
+    batches: Iterable[Mapping[str, Any]],
+    task: Task | None = None,
 ) -> dict[str, np.ndarray]:
     """Per entry ([depth, size] per group), the product over the activations its mask multiplies of their
     L2 norms over every batch, example and token, at M = 1 (one jitted forward per batch).
@@ -129,10 +127,12 @@ def mask_input_norms(
     of squares of each masked activation (`Adapter.entry_out_weight_norms` states the protocol).
     """
 
+    task = default_task(task)
+
     @jax.jit
     def sums(params, masks, batch):
         _, state = apply_fn(
-            {"params": params}, batch["image"], masks=masks, train=False, mutable=[MASK_INPUTS]
+            {"params": params}, *task.inputs(batch), masks=masks, train=False, mutable=[MASK_INPUTS]
         )
         return state.get(MASK_INPUTS, {})
 
@@ -166,9 +166,10 @@ def importance_scores(
     params: Any = None,
     batches: Iterable[Mapping[str, Any]] | None = None,
     seed: int = 0,
-    loss_fn: Callable | None = None,
+    task: Task | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-entry scores of baseline `name` (module docstring); `batches` for taylor, fisher and wanda."""
+    """Per-entry scores of baseline `name` (module docstring); `batches` (of `task`, None = image
+    classification) for taylor, fisher and wanda."""
     if name == "random":
         rng = np.random.default_rng(seed)
         return {g.name: rng.random(g.shape).astype(np.float32) for g in spec.groups}
@@ -181,7 +182,7 @@ def importance_scores(
             raise ConfigError(f"the {name} score needs the adapter, the dense params and data batches")
         total = {g.name: np.zeros(g.shape, np.float64) for g in spec.groups}
         n = 0
-        for first, second in mask_gradient_moments(adapter.module().apply, spec, params, batches, loss_fn):
+        for first, second in mask_gradient_moments(adapter.module().apply, spec, params, batches, task):
             for k in total:
                 total[k] += first[k] if name == "taylor" else second[k]
             n += 1
@@ -191,7 +192,7 @@ def importance_scores(
     if name == "wanda":
         if adapter is None or params is None or batches is None:
             raise ConfigError("the wanda score needs the adapter, the dense params and data batches")
-        act = mask_input_norms(adapter.module().apply, spec, params, batches)
+        act = mask_input_norms(adapter.module().apply, spec, params, batches, task)
         out = adapter.entry_out_weight_norms(params)
         return {k: (act[k] * np.asarray(out[k], np.float32)).astype(np.float32) for k in act}
     if name == "lasso":

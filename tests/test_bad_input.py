@@ -27,10 +27,12 @@ import numpy as np
 import pytest
 
 from configs.vit import get_config
-from spp_jax import run
+from spp_jax import run, run_config
+from spp_jax.architectures.vit import ViTArchitecture
 from spp_jax.data.fashion_mnist import build
 from spp_jax.errors import ConfigError
-from spp_jax.run_config import check_inputs
+from spp_jax.stages.context import RunContext
+from spp_jax.tasks.image_classification import ImageClassification
 from tests.helpers import tree_snapshot, write_synthetic_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -642,6 +644,12 @@ def test_check_inputs_names_the_key_and_the_fix(tmp_path):
     """run_config.check_inputs, which run_all calls before it creates the workdir."""
     cfg = get_config("mu")
     train = [{"image": np.zeros((28, 28, 1), np.uint8), "label": 0}] * 64
+
+    def check_inputs(c, train_src, search_src, dense_done=False):
+        task = ImageClassification(c)
+        ctx = RunContext(c, task, ViTArchitecture(), None, train_src, [], search_src)
+        run_config.check_inputs(ctx, dense_done=dense_done)
+
     check_inputs(cfg, train, train)
     for change, src, dense_done, message in [
         ({"model.init": "timm"}, train, False, "model.init=timm needs a checkpoint file; set"),

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from configs.vit import get_config
-from spp_jax import baselines, lasso, run, selection
+from spp_jax import baselines, lasso, selection
+from spp_jax.architectures.vit import ViTArchitecture
 from spp_jax.errors import ConfigError
 from spp_jax.run_config import validate_config
-from spp_jax.search import classification_loss
+from spp_jax.stages.context import RunContext
+from spp_jax.stages.extract import ranking_record
+from spp_jax.tasks.image_classification import ImageClassification, classification_loss
 from tests.helpers import mu_adapter, random_images, random_params
 
 
@@ -321,15 +324,15 @@ def test_run_ranking_record_builds_the_new_baselines_from_search_data(name):
     cfg.extract.lasso_steps, cfg.search.batch_size, cfg.extract.score_batches = 3, 8, 2
     rng = np.random.default_rng(0)
     train = [{"image": rng.integers(0, 255, (28, 28, 1), np.uint8), "label": i % 10} for i in range(32)]
-    adapter = run.build_adapter(cfg, num_classes=10)
+    task, arch = ImageClassification(cfg), ViTArchitecture()
+    adapter = arch.build_adapter(cfg, task, num_classes=10)
+    ctx = RunContext(cfg, task, arch, adapter, train_src=[], eval_src=[], search_src=train)
     spec = adapter.mask_spec()
-    record = run.ranking_record(cfg, adapter, random_params(adapter), train, name, seed=0)
+    record = ranking_record(ctx, random_params(adapter), name, seed=0)
     keep = selection.select_subnetwork(spec, record, "params:0.5")
     assert {k: v.shape for k, v in keep.items()} == {g.name: g.shape for g in spec.groups}
     if name == "lasso":
         assert max(v.max() for v in record["t_in"].values()) <= len(cfg.extract.lasso_penalties)
-    with pytest.raises(ConfigError, match=f"the {name} ranking needs training data"):
-        run.ranking_record(cfg, adapter, random_params(adapter), None, name, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,9 @@ import optax
 import pytest
 
 from spp_jax.errors import ConfigError
-from spp_jax.search import classification_loss, init_search_state, make_search_step
+from spp_jax.search import init_search_state, make_search_step
 from spp_jax.spp import CurvatureState, spp
+from spp_jax.tasks.image_classification import classification_loss
 from tests.helpers import mu_adapter, random_images, random_params
 from tests.test_spp import SPEC
 

