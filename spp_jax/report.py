@@ -13,8 +13,11 @@ and every field inside an entry, may be missing):
      "targets": [{"target", "params", "macs", "params_frac", "macs_frac", "layers", "accuracy_masked",
                   "accuracy_finetuned", "throughput", "dir"}, ...]}
 
-Accuracies are fractions in [0, 1] and are shown as percentages; FLOPs are 2 * MACs; throughput is
-images/s. Files written:
+The metric is accuracy unless the report says otherwise: `"metric": {"name": "perplexity",
+"higher_is_better": false, "throughput_unit": "tok/s"}` makes every "accuracy" key above read "perplexity"
+(`perplexity`, `perplexity_masked`, `perplexity_finetuned`) and the plot `perplexity_vs_params.png`.
+Accuracies are fractions in [0, 1] and are shown as percentages, perplexities as numbers; FLOPs are 2 * MACs
+(per example; per token for a language model); throughput is images/s (or the report's unit). Files written:
     report.json              the dict (numpy/jax values converted, non-finite floats as null)
     report.md                summary, stage times, dense vs targets table, path summary
     path.png                 support fraction per group against search step, kept params/MACs below
@@ -171,8 +174,18 @@ def _layers(layers: Any) -> str:
 # Markdown
 
 
+def _metric(report: Mapping) -> tuple[str, Any, str]:
+    """(metric name, its formatter, throughput unit) of a report (module docstring)."""
+    m = _dict(report, "metric")
+    name = m.get("name", "accuracy")
+    fmt = _acc if name == "accuracy" else (lambda x: _DASH if _num(x) is None else f"{_num(x):.2f}")
+    return name, fmt, m.get("throughput_unit", "img/s")
+
+
 def render_markdown(report: Mapping) -> str:
     """The report as markdown text (see the module docstring for the dict)."""
+    metric, fmt, unit = _metric(report)
+    short = "acc." if metric == "accuracy" else metric
     model, data, config = _dict(report, "model"), _dict(report, "data"), _dict(report, "config")
     stages, dense = _dict(report, "stages"), _dict(report, "dense")
     path, targets = _list(report, "path"), _list(report, "targets")
@@ -189,6 +202,8 @@ def render_markdown(report: Mapping) -> str:
         ("Train split", data.get("train_split")),
         ("Eval split", data.get("eval_split")),
         ("Classes", data.get("num_classes")),
+        ("Block length (tokens)", data.get("block_len")),
+        ("Eval blocks", data.get("eval_blocks")),
     ]
     summary += [(str(k), v) for k, v in config.items()]
     lines += [f"- **{k}**: {v}" for k, v in summary if v not in (None, _DASH, "")]
@@ -204,8 +219,8 @@ def render_markdown(report: Mapping) -> str:
     lines += ["## Dense model and targets", ""]
     dense_tp = dense.get("throughput")
     header = [
-        "model", "kept params", "% dense", "GFLOPs", "% dense", "acc. masked (before FT)",
-        "acc. fine-tuned", "img/s", "speedup",
+        "model", "kept params", "% dense", "GFLOPs", "% dense", f"{short} masked (before FT)",
+        f"{short} fine-tuned", unit, "speedup",
     ]  # fmt: skip
     rows = [
         [
@@ -214,8 +229,8 @@ def render_markdown(report: Mapping) -> str:
             "100.0%",
             _gflops(dense.get("macs")),
             "100.0%",
-            _acc(dense.get("accuracy")),
-            _acc(dense.get("accuracy")),
+            fmt(dense.get(metric)),
+            fmt(dense.get(metric)),
             _tp(dense_tp),
             "1.00x" if _num(dense_tp) else _DASH,
         ]
@@ -229,8 +244,8 @@ def render_markdown(report: Mapping) -> str:
                 _pct(_frac(t, "params", "params_frac", dense)),
                 _gflops(t.get("macs")),
                 _pct(_frac(t, "macs", "macs_frac", dense)),
-                _acc(t.get("accuracy_masked")),
-                _acc(t.get("accuracy_finetuned")),
+                fmt(t.get(f"{metric}_masked")),
+                fmt(t.get(f"{metric}_finetuned")),
                 _tp(t.get("throughput")),
                 _DASH if speed is None else f"{speed:.2f}x",
             ]
@@ -238,8 +253,9 @@ def render_markdown(report: Mapping) -> str:
     lines += _table(header, rows)
     lines += [
         "",
-        "GFLOPs = 2 x MACs per image. Dense accuracy is shown in both accuracy columns. "
-        "Masked accuracy = the dense model with the target's binary keep-set as masks, before fine-tuning.",
+        f"GFLOPs = 2 x MACs per {'image' if unit == 'img/s' else 'example'}. Dense {metric} is shown in "
+        f"both {metric} columns. Masked {metric} = the dense model with the target's binary keep-set as "
+        "masks, before fine-tuning.",
         "",
     ]
     arch = [t for t in targets if t.get("layers") or t.get("dir")]
@@ -262,20 +278,20 @@ def render_markdown(report: Mapping) -> str:
             "",
         ]
         groups = _groups(path)
-        has_acc = any(_num(p.get("accuracy")) is not None for p in path)
+        has_acc = any(_num(p.get(metric)) is not None for p in path)
         header = ["step", *[f"support {g}" for g in groups], "kept params", "kept MACs"]
-        header += ["accuracy"] if has_acc else []
+        header += [metric] if has_acc else []
         rows = []
         for i in _sample(len(path)):
             p = path[i]
             sup = _dict(p, "support")
             row = [str(p.get("step", _DASH)), *[_pct(sup.get(g)) for g in groups]]
             row += [_pct(p.get("kept_params_frac")), _pct(p.get("kept_macs_frac"))]
-            row += [_acc(p.get("accuracy"))] if has_acc else []
+            row += [fmt(p.get(metric))] if has_acc else []
             rows.append(row)
         lines += _table(header, rows)
         lines.append("")
-    lines += ["![solution path](path.png)", "", "![accuracy vs params](accuracy_vs_params.png)", ""]
+    lines += ["![solution path](path.png)", "", f"![{metric} vs params]({metric}_vs_params.png)", ""]
     return "\n".join(lines)
 
 
@@ -344,33 +360,43 @@ def _finish(ax, empty_text: str) -> None:
 
 
 def plot_accuracy(report: Mapping, filename: str) -> None:
-    """Accuracy (%) against kept params fraction: path points, targets before/after FT, dense star."""
+    """The metric (accuracy in %, or perplexity on a log scale) against kept params fraction: path points,
+    targets before/after FT, dense star."""
+    metric = _metric(report)[0]
+    scale = 100 if metric == "accuracy" else 1
     dense, path, targets = _dict(report, "dense"), _list(report, "path"), _list(report, "targets")
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
-    xs, ys = _series(path, "kept_params_frac", "accuracy")
+    xs, ys = _series(path, "kept_params_frac", metric)
     if xs:
         order = np.argsort(xs)
-        ax.plot(np.take(xs, order), 100 * np.take(ys, order), ".-", color="0.6", label="path (masked)")
+        ax.plot(np.take(xs, order), scale * np.take(ys, order), ".-", color="0.6", label="path (masked)")
     for key, label, marker in (
-        ("accuracy_masked", "targets, before fine-tuning", "o"),
-        ("accuracy_finetuned", "targets, after fine-tuning", "s"),
+        (f"{metric}_masked", "targets, before fine-tuning", "o"),
+        (f"{metric}_finetuned", "targets, after fine-tuning", "s"),
     ):
         pts = [(_frac(t, "params", "params_frac", dense), _num(t.get(key)), t) for t in targets]
         pts = [(x, y, t) for x, y, t in pts if x is not None and y is not None]
         if pts:
-            ax.scatter([x for x, _, _ in pts], [100 * y for _, y, _ in pts], marker=marker, s=45, label=label)
-            if key == "accuracy_finetuned":
+            ax.scatter(
+                [x for x, _, _ in pts], [scale * y for _, y, _ in pts], marker=marker, s=45, label=label
+            )
+            if key == f"{metric}_finetuned":
                 for x, y, t in pts:
-                    ax.annotate(str(t.get("target", "")), (x, 100 * y), fontsize=7, xytext=(4, 4),
+                    ax.annotate(str(t.get("target", "")), (x, scale * y), fontsize=7, xytext=(4, 4),
                                 textcoords="offset points")  # fmt: skip
-    acc = _num(dense.get("accuracy"))
+    acc = _num(dense.get(metric))
     if acc is not None:
-        ax.scatter([1.0], [100 * acc], marker="*", s=220, color="gold", edgecolor="black", label="dense")
+        ax.scatter([1.0], [scale * acc], marker="*", s=220, color="gold", edgecolor="black", label="dense")
     ax.set_xlabel("kept params (fraction of dense)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy against kept params")
-    _finish(ax, "no accuracy recorded")
+    if metric == "accuracy":
+        ax.set_ylabel("accuracy (%)")
+    else:
+        ax.set_ylabel(f"{metric} (log scale)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.set_yscale("log")
+    ax.set_title(f"{metric.capitalize()} against kept params")
+    _finish(ax, f"no {metric} recorded")
     fig.savefig(filename, dpi=110)
 
 
@@ -378,7 +404,7 @@ def plot_accuracy(report: Mapping, filename: str) -> None:
 
 
 def write_report(workdir: str, report: dict) -> None:
-    """Write report.json, report.md, path.png and accuracy_vs_params.png into `workdir` (created)."""
+    """Write report.json, report.md, path.png and <metric>_vs_params.png into `workdir` (created)."""
     if not isinstance(report, Mapping):
         raise TypeError(f"report must be a dict, got {type(report).__name__}")
     os.makedirs(workdir, exist_ok=True)
@@ -389,4 +415,4 @@ def write_report(workdir: str, report: dict) -> None:
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(render_markdown(data))
     plot_path(data, os.path.join(workdir, "path.png"))
-    plot_accuracy(data, os.path.join(workdir, "accuracy_vs_params.png"))
+    plot_accuracy(data, os.path.join(workdir, f"{_metric(data)[0]}_vs_params.png"))

@@ -34,7 +34,7 @@ from spp_jax.progress import MetricWriter, log
 SEARCH_KEYS = ("search", "seed")
 # Everything derived from the search: moved aside by a fresh search.
 _SEARCH_OUTPUTS = ("search", "extracted", "finetuned", "report.json", "report.md", "path.png",
-                   "accuracy_vs_params.png")  # fmt: skip
+                   "accuracy_vs_params.png", "perplexity_vs_params.png")  # fmt: skip
 _SEARCH_RESULTS = ("search", "extract", "finetune", "evaluate")
 _DIFF_ORDER = ("model", "data", "mask_spec")  # fingerprint sections in the order a mismatch names them
 
