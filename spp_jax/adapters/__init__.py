@@ -1,6 +1,7 @@
 """Architecture adapters: one per architecture, the only code that knows a model's param layout."""
 
 from spp_jax.adapters.base import Adapter, adapter_from_spec, register_adapter
+from spp_jax.adapters.llama import LlamaAdapter
 from spp_jax.adapters.vit import ViTAdapter
 
-__all__ = ["Adapter", "ViTAdapter", "adapter_from_spec", "register_adapter"]
+__all__ = ["Adapter", "LlamaAdapter", "ViTAdapter", "adapter_from_spec", "register_adapter"]
