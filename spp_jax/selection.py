@@ -129,7 +129,11 @@ def _check_fraction(value: Any, what: str) -> float:
 class GroupFraction:
     """Keep round(f_g * num_entries_g) entries of each group g (half rounds up), chosen by the
     global ranking restricted to g; layers compete inside a group. A dict names per-group
-    fractions; groups it does not name are kept whole."""
+    fractions; groups it does not name are kept whole.
+
+    A dict key addresses a group by its name or by a prefix of "/"-separated names: with groups
+    text/qk, text/mlp, vision/mlp, `groups:text=0.5` sets both text groups, `groups:text=0.5,text/mlp=0.8`
+    sets text/qk to 0.5 and text/mlp to 0.8 (the longest matching key wins)."""
 
     fractions: float | dict[str, float]
     kind = "groups"
@@ -149,17 +153,24 @@ class GroupFraction:
     def fraction_for(self, spec: MaskSpec, name: str) -> float:
         if not isinstance(self.fractions, dict):
             return self.fractions
-        unknown = sorted(set(self.fractions) - set(spec.names))
+        unknown = sorted(k for k in self.fractions if not any(_addresses(k, g) for g in spec.names))
         if unknown:
             raise ConfigError(
                 f"groups target names unknown group(s) {unknown}; the model's groups are {list(spec.names)}"
             )
-        return self.fractions.get(name, 1.0)
+        keys = [k for k in self.fractions if _addresses(k, name)]
+        return self.fractions[max(keys, key=len)] if keys else 1.0
 
     def describe(self) -> str:
         if isinstance(self.fractions, dict):
             return "groups:" + ",".join(f"{k}={v!r}" for k, v in self.fractions.items())
         return f"groups:{self.fractions!r}"
+
+
+def _addresses(key: str, group: str) -> bool:
+    """`key` is the group's name or a "/"-prefix of it ("text" and "text/" address "text/mlp")."""
+    key = key.rstrip("/")
+    return group == key or group.startswith(key + "/")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -330,3 +330,32 @@ def test_keep_summary():
     assert s["block_params_fraction"] == pytest.approx(0.5)
     full = keep_summary(SPEC, SPEC.full_keep())
     assert full["params_fraction"] == 1.0 and full["block_params_fraction"] == 1.0
+
+
+def test_prefixed_groups_of_different_sizes_and_prefix_targets():
+    """Towers and stages: groups named with a prefix, each its own depth and size (a Swin stage, a CLIP
+    tower), ranked, selected and addressed by prefix."""
+    spec = MaskSpec(
+        (
+            MaskGroup("text/qk", 2, 4, 10.0, 10.0),
+            MaskGroup("text/mlp", 2, 8, 5.0, 5.0),
+            MaskGroup("vision/mlp", 3, 6, 7.0, 7.0),
+        ),
+        base_params=100.0,
+        base_macs=100.0,
+    )
+    rng = np.random.default_rng(0)
+    record = {
+        "t_in": {g.name: rng.integers(1, 50, g.shape).astype(np.float32) for g in spec.groups},
+        "steps_in_support": {g.name: np.zeros(g.shape, np.int32) for g in spec.groups},
+        "z": {g.name: rng.random(g.shape).astype(np.float32) for g in spec.groups},
+    }
+    keep = select_subnetwork(spec, record, "groups:text=0.5,text/mlp=0.25")
+    assert keep["text/qk"].sum() == 4 and keep["text/mlp"].sum() == 4 and keep["vision/mlp"].all()
+    keep = select_subnetwork(spec, record, "groups:vision/=0")
+    assert not keep["vision/mlp"].any() and keep["text/qk"].all()
+    with pytest.raises(ConfigError, match="unknown group"):
+        select_subnetwork(spec, record, "groups:audio=0.5")
+    keep = select_subnetwork(spec, record, "params:0.5")
+    kept = sum(keep[g.name].sum() * g.params_per_entry for g in spec.groups)
+    assert kept <= 0.5 * spec.block_params
