@@ -5,6 +5,9 @@ its adapter (spp_jax.adapters.<arch>: mask groups, costs, slicing) and its impor
 (spp_jax.importers.<arch>*). It builds the adapter a run config describes, loads the pretrained weights
 (`load_pretrained`), checks the checkpoint a config names before a workdir is touched (`check_init`), and
 names the model keys that identify a workdir (`fingerprint`). `CONFIG_RULES` are its `model.*` keys.
+`tiny_example` gives the adapter-conformance test (masked == dense at all-ones masks, extracted ==
+binary-masked, declared cost == counted cost, save/load round trip) a tiny random instance, so a new
+architecture is checked as soon as it is registered.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ class Architecture(Protocol):
     def fingerprint(self, cfg: Any) -> dict: ...
 
     def report_model(self, cfg: Any) -> dict: ...
+
+    def tiny_example(self, groups: tuple[str, ...] | None, seed: int) -> tuple[Any, dict, tuple]:
+        """(adapter, random params, example inputs) of a tiny instance with mask groups `groups` (None =
+        every group the architecture has): what tests/test_conformance.py checks every architecture on."""
+        ...
 
 
 def architecture_class(name: str) -> type:

@@ -81,3 +81,32 @@ class ViTArchitecture:
 
     def report_model(self, cfg: Any) -> dict:
         return {k: cfg.model[k] for k in ("variant", "init", "image_size")}
+
+    def tiny_example(self, groups: tuple[str, ...] | None, seed: int) -> tuple[Any, dict, tuple]:
+        return _tiny(self, groups, seed)
+
+
+def _tiny(arch: Any, groups: tuple[str, ...] | None, seed: int) -> tuple[Any, dict, tuple]:
+    import jax
+
+    from spp_jax.adapters.vit import GROUPS, ViTAdapter
+    from spp_jax.models.vit import vit_config
+
+    adapter = ViTAdapter(vit_config("mu", num_classes=5), tuple(groups or GROUPS))
+    c = adapter.config
+    images = jax.random.normal(jax.random.key(seed), (2, c.image_size, c.image_size, 3))
+    params = adapter.module().init(jax.random.key(seed), images[:1])["params"]
+    return adapter, perturbed(params, seed), (images,)
+
+
+def perturbed(params: dict, seed: int, scale: float = 0.1) -> dict:
+    """`params` plus N(0, scale^2) noise on every leaf (zero-initialised heads and scales hide bugs)."""
+    import jax
+    import numpy as np
+
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [
+        np.asarray(p + scale * jax.random.normal(k, p.shape)) for p, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(tree, leaves)

