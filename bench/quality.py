@@ -1,5 +1,8 @@
 r"""Does the path earn its place? Every ranking on one dense model, same targets, several seeds.
 
+  python bench/quality.py --workdir workdirs/smollm2_books --seeds 3 --name smollm2 \
+      --targets params:0.9,params:0.8,params:0.7,params:0.5 --search_steps 40 --eval_blocks 16 \
+      --finetune_targets ""
   python bench/quality.py --workdir workdirs/vit_fmnist --seeds 3 \
       [--rankings curvature,official,paper,lasso,random,magnitude,wanda,taylor,fisher] \
       [--allocation per_group] \
@@ -19,7 +22,8 @@ Reuses the dense model and config of a finished run (WORKDIR/dense, WORKDIR/conf
 - seed 0's models of --finetune_rankings at --finetune_targets are extracted and fine-tuned with the run's
   fine-tuning settings (`finetune.*`, the budget the default run gives its models), then evaluated;
 - --sensitivity reruns the `curvature` search of seed 0 with kappa and lam halved and doubled.
-Reports mean, std and per-seed accuracy per ranking and target, each ranking's wall time (searches: the
+The metric is the run's task's (accuracy, or perplexity for a causal-LM run, where lower is better).
+Reports mean, std and per-seed values per ranking and target, each ranking's wall time (searches: the
 whole search; baselines: scoring), and Kendall's tau between the first two seeds' orders of each seeded
 ranking. Writes bench/results/quality_<name>.json, a markdown table (.md) and a plot (.png) of accuracy
 against kept block params.
@@ -65,7 +69,7 @@ SEARCHES = {**FORMS, **SENSITIVITY}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def spp_record(ctx: RunContext, name: str, seed: int, base: Path, params):
+def spp_record(ctx: RunContext, name: str, seed: int, base: Path, params, steps: int | None = None):
     """(final path point, search seconds) of a search with seed `seed`; a finished search in
     WORKDIR/quality/<name>/seed<s> is reused with the seconds it took then."""
     c = ml_collections.ConfigDict(ctx.cfg.to_dict())
@@ -73,6 +77,8 @@ def spp_record(ctx: RunContext, name: str, seed: int, base: Path, params):
         c.seed = seed
         c.search.update(SEARCHES.get(name, {}))
         c.search.eval_points = False
+        if steps is not None:  # one step budget for every form (--search_steps)
+            c.search.steps, c.search.path_every = steps, max(1, steps // 10)
     wd = Workdir(base / "quality" / name.replace(":", "_") / f"seed{seed}").create()
     result = stage_search(dataclasses.replace(ctx, cfg=c), wd, params)
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
@@ -147,11 +153,25 @@ def main() -> None:
     ap.add_argument("--finetune_targets", default="params:0.7,params:0.5")
     ap.add_argument("--sensitivity", action="store_true")
     ap.add_argument("--name", default="vit_fmnist")
+    ap.add_argument(
+        "--search_steps",
+        type=int,
+        default=None,
+        help="steps of every SPP form (default: each form's own, FORMS)",
+    )
+    ap.add_argument(
+        "--eval_blocks",
+        type=int,
+        default=None,
+        help="causal LM: eval blocks per model (default: the run's eval.max_blocks)",
+    )
     args = ap.parse_args()
 
     base = Path(args.workdir)
     cfg = ml_collections.ConfigDict(json.loads((base / "config.json").read_text()))
     add_missing_keys(cfg, importlib.import_module(f"configs.{cfg.model.get('arch', 'vit')}").get_config())
+    if args.eval_blocks is not None:
+        cfg.eval.max_blocks = args.eval_blocks
     ctx = make_context(cfg)
     adapter, task, eval_src = ctx.adapter, ctx.task, ctx.eval_src
     spec = adapter.mask_spec()
@@ -167,7 +187,7 @@ def main() -> None:
 
     def record_of(r: str, seed: int):
         if r in ("spp", *SEARCHES):
-            return spp_record(ctx, r, seed, base, params)
+            return spp_record(ctx, r, seed, base, params, args.search_steps)
         t0 = time.perf_counter()
         rec = ranking_record(ctx, params, r, seed)
         return rec, time.perf_counter() - t0
@@ -215,7 +235,8 @@ def main() -> None:
         "dense_accuracy" if task.metric == "accuracy" else f"dense_{task.metric}": dense,
         "allocation": args.allocation,
         "seeds": args.seeds,
-        "eval_examples": len(eval_src) if hasattr(eval_src, "__len__") else None,
+        "eval_examples": int(sum(float(np.sum(b["mask"])) for b in eval_batches)),
+        "search_steps": args.search_steps,
         "finetune": {"steps": cfg.finetune.steps, "lr": cfg.finetune.lr, "distill": cfg.finetune.distill,
                      "seed": 0, "accuracy": tuned},
         "sensitivity_seed0": sensitivity,
