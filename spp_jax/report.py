@@ -158,8 +158,11 @@ def _layers(layers: Any) -> str:
     """Compact per-layer dims: 'heads 6,6,..; qk 64,..; vo ..; mlp ..' for LayerDims dicts."""
     if not isinstance(layers, Sequence) or not layers:
         return _DASH
-    keys = (("num_heads", "heads"), ("qk_dim", "qk"), ("v_dim", "vo"), ("mlp_dim", "mlp"))
+    keys = (("num_heads", "heads"), ("num_kv_heads", "kv heads"), ("qk_dim", "qk"), ("v_dim", "vo"),
+            ("mlp_dim", "mlp"))  # fmt: skip
     if all(isinstance(ly, Mapping) for ly in layers):
+        # a decoder layer lists its kept RoPE pairs: qk dims = 2 per pair
+        layers = [{**ly, "qk_dim": 2 * len(ly["rope_pairs"])} if "rope_pairs" in ly else ly for ly in layers]
         parts = [
             f"{short} " + ",".join(str(ly.get(k, "?")) for ly in layers)
             for k, short in keys
@@ -253,7 +256,7 @@ def render_markdown(report: Mapping) -> str:
     lines += _table(header, rows)
     lines += [
         "",
-        f"GFLOPs = 2 x MACs per {'image' if unit == 'img/s' else 'example'}. Dense {metric} is shown in "
+        f"GFLOPs = 2 x MACs per {'image' if unit == 'img/s' else 'token'}. Dense {metric} is shown in "
         f"both {metric} columns. Masked {metric} = the dense model with the target's binary keep-set as "
         "masks, before fine-tuning.",
         "",
