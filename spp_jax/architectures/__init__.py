@@ -12,10 +12,9 @@ architecture is checked as soon as it is registered.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
-from spp_jax.errors import ConfigError
+from spp_jax.registry import lookup
 
 ARCHITECTURES = {
     "vit": "spp_jax.architectures.vit:ViTArchitecture",
@@ -44,10 +43,7 @@ class Architecture(Protocol):
 
 
 def architecture_class(name: str) -> type:
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"model.arch={name!r} is unknown; use one of {sorted(ARCHITECTURES)}")
-    module, cls = ARCHITECTURES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return lookup(ARCHITECTURES, name, "model.arch")
 
 
 def build_architecture(cfg: Any) -> Architecture:

@@ -213,6 +213,26 @@ def _allow_unparsed_absl_flags() -> None:
 # ----------------------------------------------------------------------------- loaders
 
 
+def loader_process(
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    process_index: int | None,
+    process_count: int | None,
+) -> tuple[int, int]:
+    """(this process's index, process count) after checking a loader's batch, seed and epoch arguments."""
+    index, count = _process(process_index, process_count)
+    if global_batch_size < 1 or global_batch_size % count:
+        raise ConfigError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of process_count {count}"
+        )
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ConfigError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+    return index, count
+
+
 def make_loader(
     source: Source,
     *,
@@ -243,15 +263,7 @@ def make_loader(
     the per-example work in that many processes (same batches as ``worker_count=0``).
     Save/restore with ``it.get_state()``/``it.set_state()`` (see ``loader_state``).
     """
-    index, count = _process(process_index, process_count)
-    if global_batch_size < 1 or global_batch_size % count:
-        raise ConfigError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of process_count {count}"
-        )
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ConfigError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+    index, count = loader_process(global_batch_size, seed, num_epochs, process_index, process_count)
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
     batch_size = global_batch_size // count

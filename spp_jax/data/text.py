@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from spp_jax.data.books import TOKENS_KEY
-from spp_jax.data.pipeline import Batch, Source, _allow_unparsed_absl_flags, _process
+from spp_jax.data.pipeline import Batch, Source, _allow_unparsed_absl_flags, _process, loader_process
 from spp_jax.errors import ConfigError
 
 
@@ -54,15 +54,7 @@ def make_token_loader(
     ``worker_count > 0`` reads in that many processes (same batches). Save/restore with
     ``spp_jax.data.loader_state``/``restore_loader_state``.
     """
-    index, count = _process(process_index, process_count)
-    if global_batch_size < 1 or global_batch_size % count:
-        raise ConfigError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of process_count {count}"
-        )
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"seed must be in [0, 2**32), got {seed}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ConfigError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}")
+    index, count = loader_process(global_batch_size, seed, num_epochs, process_index, process_count)
     batch_size = global_batch_size // count
     shard_len = len(source) // count
     if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):

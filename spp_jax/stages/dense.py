@@ -1,5 +1,6 @@
 """Stage 1: the dense task model: the architecture's pretrained weights, prepared by the task (a ViT
-classifier gets a probe-fitted head and a short fine-tune; a language model is used as loaded)."""
+classifier gets a probe-fitted head; a language model is used as loaded), then `dense.finetune_steps` of
+full fine-tuning when asked."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import jax
 from spp_jax import checkpoint, finetune
 from spp_jax.progress import log
 from spp_jax.stages.context import RunContext
+from spp_jax.stages.finetune import finetune_params
 from spp_jax.workdir import Workdir
 
 
@@ -31,7 +33,11 @@ def stage_dense(ctx: RunContext, wd: Workdir) -> dict:
     params = ctx.arch.load_pretrained(cfg, adapter)
     n_params, macs = adapter.arch_cost(adapter.dense_spec())
     log(f"[dense] loaded {cfg.model.init} weights ({n_params / 1e6:.2f}M params)")
-    params = ctx.task.prepare_dense(ctx, wd, params)
+    params = ctx.task.prepare_dense(ctx, params)
+    if cfg.dense.finetune_steps:
+        params = finetune_params(
+            ctx, wd, adapter.module(), params, ctx.train_src, cfg.dense.finetune_steps, cfg.dense.lr, "dense"
+        )
     value = evaluate_params(ctx, params)
     checkpoint.save_model(wd.path / "dense", params, adapter.dense_spec(), **{metric: value})
     ctx.task.save_assets(wd.path / "dense")

@@ -6,10 +6,9 @@ take `task=None` mean image classification, the library's first task.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from spp_jax.errors import ConfigError
+from spp_jax.registry import lookup
 from spp_jax.tasks.base import Task, model_loss, softmax_kl
 
 # name -> "module:class"; imported on use, so a config naming one task never imports the others' data code
@@ -20,10 +19,7 @@ TASKS = {
 
 
 def task_class(name: str) -> type:
-    if name not in TASKS:
-        raise ConfigError(f"task={name!r} is unknown; use one of {sorted(TASKS)}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return lookup(TASKS, name, "task")
 
 
 def build_task(cfg: Any) -> Task:

@@ -10,7 +10,8 @@ Data: the local `spp_books` tfds builder (spp_jax.data.books): the King James Bi
 novels, each book one split, tokenised with the model's own tokenizer into blocks of `data.block_len`
 tokens. Search and fine-tuning read `data.train_split`, the eval split holds other books, so perplexity is
 measured on text the search and the fine-tuning never saw. The dense model is the pretrained one as loaded
-(`dense.finetune_steps` > 0 fine-tunes it first). Throughput is greedy decode tokens/s with the KV cache.
+(`dense.finetune_steps` > 0 fine-tunes it first, spp_jax.stages.dense). Throughput is greedy decode
+tokens/s with the KV cache.
 """
 
 from __future__ import annotations
@@ -126,16 +127,8 @@ class CausalLM:
                 "block_len": d.block_len, "eval_blocks": self.cfg.eval.max_blocks}  # fmt: skip
 
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, wd: Any, params: dict) -> dict:
-        """The pretrained model as loaded, or fine-tuned for `dense.finetune_steps` first."""
-        cfg = self.cfg
-        if cfg.dense.finetune_steps:
-            from spp_jax.stages.finetune import finetune_params
-
-            params = finetune_params(
-                ctx, wd, ctx.adapter.module(), params, ctx.train_src, cfg.dense.finetune_steps, cfg.dense.lr,
-                "dense",
-            )  # fmt: skip
+    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
+        """The pretrained language model is the task model as loaded."""
         return params
 
     def throughput(self, module, params) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -151,19 +151,10 @@ class ImageClassification:
                 "num_classes": self.num_classes()}  # fmt: skip
 
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, wd: Any, params: dict) -> dict:
-        """Pretrained backbone -> probe-fitted head -> `dense.finetune_steps` of full fine-tuning."""
-        from spp_jax.stages.finetune import finetune_params
-
-        cfg = self.cfg
+    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
+        """Pretrained backbone -> probe-fitted classifier head (the stage then fine-tunes, if asked)."""
         x, y = self.features(ctx, params, ctx.train_src)
-        params = {**params, "head": fit_probe(cfg, x, y, self.num_classes())}
-        if cfg.dense.finetune_steps:
-            params = finetune_params(
-                ctx, wd, ctx.adapter.module(), params, ctx.train_src, cfg.dense.finetune_steps, cfg.dense.lr,
-                "dense",
-            )  # fmt: skip
-        return params
+        return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
 
     def features(self, ctx: RunContext, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
         """Frozen backbone features (the architecture's head-less module) and labels of every example."""
