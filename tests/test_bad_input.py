@@ -491,6 +491,32 @@ CASES = [
         "notamodel has no arch_spec.json",
         setup=_then(copy_run, _not_a_model),
     ),
+    # -- the architecture / task registries, perplexity.py and generate.py ------------------------------
+    _train_case("train-unknown-arch", "--config.model.arch=swin", "model.arch='swin' is unknown"),
+    _train_case("train-unknown-task", "--config.task=segmentation", "task='segmentation' is unknown"),
+    Case(
+        "perplexity-no-text-file",
+        "perplexity",
+        "`--text_file no_such.txt`",
+        lambda c: ["--text_file=no_such.txt"],
+        "--text_file=no_such.txt is not a file",
+    ),
+    Case(
+        "perplexity-too-few-tokens",
+        "perplexity",
+        "`--max_tokens 1`",
+        lambda c: ["--text_file=t.txt", "--max_tokens=1"],
+        "--max_tokens=1 is not allowed",
+        setup=lambda c: (c.case / "t.txt").write_text("a few words"),
+    ),
+    Case(
+        "generate-model-without-tokenizer",
+        "generate",
+        "`--model_dir` of an image classifier (no tokenizer.json)",
+        lambda c: ["--model_dir", str(c.wd / "extracted" / "params_0.5"), "--prompt=hello"],
+        "has no tokenizer.json",
+        setup=copy_run,
+    ),
 ]
 assert len({c.id for c in CASES}) == len(CASES)
 
