@@ -1,6 +1,10 @@
-r"""Run SPP end to end: dense head fit -> search -> extract -> fine-tune -> evaluate -> report.
+r"""Run SPP end to end: dense model -> search -> extract -> fine-tune -> evaluate -> report.
 
   python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist [--config.x=y ...]
+  python launch/train.py --config configs/llama.py --workdir workdirs/smollm2_books
+
+The config names the architecture (`model.arch`: vit, llama) and the task (`task`: image_classification,
+causal_lm).
 
 Rerunning with the same --workdir resumes (finished stages are skipped, the search continues from its
 latest state, bit for bit). SIGTERM (preemption) or Ctrl-C stop the search at the end of the current step
