@@ -21,6 +21,7 @@ _EXPORTS = {
     "Masks": "spp_jax.groups",
     "PathStore": "spp_jax.checkpoint",
     "SPPState": "spp_jax.spp",
+    "LlamaAdapter": "spp_jax.adapters",
     "ViTAdapter": "spp_jax.adapters",
     "adapter_from_spec": "spp_jax.adapters",
     "keep_summary": "spp_jax.selection",
@@ -33,6 +34,7 @@ _EXPORTS = {
 
 __all__ = [
     "KeepSet",
+    "LlamaAdapter",
     "MaskGroup",
     "MaskSpec",
     "Masks",
@@ -66,7 +68,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from spp_jax.adapters import ViTAdapter, adapter_from_spec
+    from spp_jax.adapters import LlamaAdapter, ViTAdapter, adapter_from_spec
     from spp_jax.checkpoint import PathStore, load_pruned, save_model
     from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
     from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork
