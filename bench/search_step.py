@@ -77,7 +77,6 @@ def build(a) -> tuple:
 
         from spp_jax.adapters.llama import LlamaAdapter
         from spp_jax.models.llama import llama_config
-
         from spp_jax.tasks.causal_lm import CausalLM
 
         config = llama_config(a.variant)
