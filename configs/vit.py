@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.label_key = "label"
 
     c.dense = ml_collections.ConfigDict()
+    c.dense.head = "probe"  # probe: fit the head on frozen features | train: dense.finetune_steps train all
     c.dense.probe_steps = 500  # full-batch AdamW on frozen features -> the classifier head
     c.dense.probe_lr = 3e-3
     c.dense.probe_weight_decay = 1e-4

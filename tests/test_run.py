@@ -295,3 +295,24 @@ def test_nan_loss_advice_works_as_printed(idx_dir, tmp_path):
     ok = run_("--config.search.lr=0.3", *(["--fresh_search"] if saved else []))
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert checkpoint.PathStore(tmp_path / "wd" / "search" / "path").steps()[-1] == 12
+
+
+def test_dense_head_train_trains_the_whole_model_and_fits_no_probe(cfg, tmp_path, monkeypatch):
+    """`dense.head=train`: no probe on frozen features; the dense stage's steps train every weight."""
+    cfg.dense.head, cfg.dense.finetune_steps, cfg.dense.lr = "train", 0, 1e-3
+    ctx = make_context(cfg)
+    with pytest.raises(ConfigError, match=r"dense\.finetune_steps"):
+        stage_dense(ctx, Workdir(tmp_path / "a").create())
+
+    def no_probe(*a, **k):
+        raise AssertionError("dense.head=train must not compute probe features")
+
+    monkeypatch.setattr(type(ctx.task), "features", no_probe)
+    cfg.dense.finetune_steps = 10
+    init = ctx.arch.load_pretrained(cfg, ctx.adapter)
+    trained = stage_dense(ctx, Workdir(tmp_path / "b").create())["params_tree"]
+    for path in (("head", "kernel"), ("encoderblock_0", "mlp", "fc1", "kernel")):
+        a, b = init, trained
+        for k in path:
+            a, b = a[k], b[k]
+        assert not np.allclose(a, b), path

@@ -3,8 +3,9 @@
 Batches are `{"image": float32 [B, H, W, 3], "label": int32 [B]}` (+ `"mask"` [B] in eval batches, 0 for
 padding rows). The dense model is prepared as: pretrained backbone (the architecture's importer) ->
 multinomial logistic regression on frozen features for the head (full-batch AdamW) -> optionally a short
-full fine-tune (`dense.finetune_steps`). Config keys: `data.*` (dataset, splits, feature keys), `dense.*`,
-`finetune.augment`, `eval.throughput_batch`, `model.image_size`.
+full fine-tune (`dense.finetune_steps`). With `dense.head=train` no probe is fitted and those steps train
+the whole model (a from-scratch dense model when `model.init=random`). Config keys: `data.*` (dataset,
+splits, feature keys), `dense.*`, `finetune.augment`, `eval.throughput_batch`, `model.image_size`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spp_jax.config_rules import Rule, boolean, nonneg, positive, positive_int
+from spp_jax.config_rules import Rule, boolean, nonneg, one_of, positive, positive_int
 from spp_jax.errors import ConfigError
 from spp_jax.progress import Progress
 from spp_jax.tasks.base import Batch, softmax_kl
@@ -57,6 +58,7 @@ class ImageClassification:
     loss/metric methods are usable (as in the search step of a test)."""
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {
+        "dense.head": one_of(("probe", "train")),
         "dense.probe_steps": positive_int,
         "dense.probe_lr": positive,
         "dense.probe_weight_decay": nonneg,
@@ -152,7 +154,16 @@ class ImageClassification:
 
     # -- dense model -----------------------------------------------------------------------------------
     def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
-        """Pretrained backbone -> probe-fitted classifier head (the stage then fine-tunes, if asked)."""
+        """Pretrained backbone -> probe-fitted classifier head (`dense.head=probe`; the stage then
+        fine-tunes, if asked), or the loaded params as they are (`dense.head=train`: the dense stage's
+        `dense.finetune_steps` train the whole model, e.g. from a random init)."""
+        if self.cfg.dense.head == "train":
+            if not self.cfg.dense.finetune_steps:
+                raise ConfigError(
+                    "dense.head=train leaves the classifier to the dense stage's training, but "
+                    "dense.finetune_steps=0; set dense.finetune_steps > 0 or dense.head=probe"
+                )
+            return params
         x, y = self.features(ctx, params, ctx.train_src)
         return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
 
