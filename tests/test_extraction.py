@@ -112,3 +112,19 @@ def test_extraction_errors():
         a.extract({k: v for k, v in params.items() if k != "encoderblock_1"}, keep)
     with pytest.raises(CheckpointMismatch, match="arch"):
         adapter_from_spec({"arch": "resnet"})
+
+
+def test_vo_without_qk_declares_the_counted_cost_while_every_layer_keeps_a_value_dim():
+    """W_q/W_k are no group here; they are base cost, exact as long as no layer drops every vo entry."""
+    adapter = mu_adapter(groups=("vo", "mlp"))
+    spec = adapter.mask_spec()
+    assert not spec.group("vo").exact_cost and spec.group("mlp").exact_cost
+    rng = np.random.default_rng(0)
+    keep = {gr.name: rng.random(gr.shape) < 0.5 for gr in spec.groups}
+    keep["vo"][:, 0] = True
+    keep = adapter.normalize_keep(keep)
+    arch = adapter.extract(random_params(adapter), keep)[1]
+    assert spec.kept_cost(keep) == pytest.approx(adapter.arch_cost(arch))
+    keep["vo"][0] = False  # a layer without value dims drops W_q/W_k too: the declared cost is an upper bound
+    arch = adapter.extract(random_params(adapter), keep)[1]
+    assert all(a > b for a, b in zip(spec.kept_cost(keep), adapter.arch_cost(arch), strict=True))

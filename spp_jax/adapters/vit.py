@@ -98,6 +98,12 @@ class ViTAdapter:
             0 if "mlp" in g else c.mlp_dim,
         )
         base_params, base_macs = vit_cost(c, [base_layer] * c.depth)
+        if "vo" in g and not g & {"qk", "heads"}:
+            # W_q, W_k are not a group but live only while a value dim does: count them in the base, so
+            # the declared cost is an upper bound (exact whenever no layer loses all of its vo entries).
+            base_params += c.depth * 2 * h * hd * (d + 1)
+            base_macs += c.depth * n * (2 * h * d * hd + n * h * hd)
+            groups = tuple(dataclasses.replace(x, exact_cost=x.name != "vo") for x in groups)
         if "heads" in self.groups and not ({"qk", "vo"} & set(self.groups)):
             # heads alone: a head's cost is exact, the base is the model without any head.
             groups = tuple(dataclasses.replace(g, exact_cost=True) for g in groups)
