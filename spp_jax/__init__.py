@@ -22,6 +22,7 @@ _EXPORTS = {
     "PathStore": "spp_jax.checkpoint",
     "SPPState": "spp_jax.spp",
     "LlamaAdapter": "spp_jax.adapters",
+    "SwinAdapter": "spp_jax.adapters",
     "ViTAdapter": "spp_jax.adapters",
     "adapter_from_spec": "spp_jax.adapters",
     "keep_summary": "spp_jax.selection",
@@ -40,6 +41,7 @@ __all__ = [
     "Masks",
     "PathStore",
     "SPPState",
+    "SwinAdapter",
     "ViTAdapter",
     "adapter_from_spec",
     "keep_summary",
@@ -68,7 +70,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from spp_jax.adapters import LlamaAdapter, ViTAdapter, adapter_from_spec
+    from spp_jax.adapters import LlamaAdapter, SwinAdapter, ViTAdapter, adapter_from_spec
     from spp_jax.checkpoint import PathStore, load_pruned, save_model
     from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
     from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork

@@ -492,7 +492,7 @@ CASES = [
         setup=_then(copy_run, _not_a_model),
     ),
     # -- the architecture / task registries, perplexity.py and generate.py ------------------------------
-    _train_case("train-unknown-arch", "--config.model.arch=swin", "model.arch='swin' is unknown"),
+    _train_case("train-unknown-arch", "--config.model.arch=convnext", "model.arch='convnext' is unknown"),
     _train_case("train-unknown-task", "--config.task=segmentation", "task='segmentation' is unknown"),
     Case(
         "perplexity-no-text-file",

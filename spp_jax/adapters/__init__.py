@@ -2,6 +2,7 @@
 
 from spp_jax.adapters.base import Adapter, adapter_from_spec, register_adapter
 from spp_jax.adapters.llama import LlamaAdapter
+from spp_jax.adapters.swin import SwinAdapter
 from spp_jax.adapters.vit import ViTAdapter
 
-__all__ = ["Adapter", "LlamaAdapter", "ViTAdapter", "adapter_from_spec", "register_adapter"]
+__all__ = ["Adapter", "LlamaAdapter", "SwinAdapter", "ViTAdapter", "adapter_from_spec", "register_adapter"]

@@ -19,6 +19,7 @@ from spp_jax.registry import lookup
 ARCHITECTURES = {
     "vit": "spp_jax.architectures.vit:ViTArchitecture",
     "llama": "spp_jax.architectures.llama:LlamaArchitecture",
+    "swin": "spp_jax.architectures.swin:SwinArchitecture",
 }
 
 

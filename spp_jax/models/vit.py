@@ -239,12 +239,14 @@ class MaskedAttention(nn.Module):
 
 
 class MaskedMlp(nn.Module):
-    """Two-layer MLP with a mask on the hidden neurons (before the activation by default)."""
+    """Two-layer MLP with a mask on the hidden neurons (before the activation by default); the masked
+    activation is sown for wanda under `group` (the mask group's name)."""
 
     mlp_dim: int
     width: int
     mask_pre_act: bool = True
     gelu_approximate: bool = False
+    group: str = "mlp"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None) -> Array:
@@ -252,11 +254,11 @@ class MaskedMlp(nn.Module):
             return Bias(self.width, name="fc2")(x)
         y = nn.Dense(self.mlp_dim, name="fc1")(x)
         if mask is not None and self.mask_pre_act:
-            _sow_mask_input(self, "mlp", y)
+            _sow_mask_input(self, self.group, y)
             y = y * mask
         y = nn.gelu(y, approximate=self.gelu_approximate)
         if mask is not None and not self.mask_pre_act:
-            _sow_mask_input(self, "mlp", y)
+            _sow_mask_input(self, self.group, y)
             y = y * mask
         return nn.Dense(self.width, name="fc2")(y)
 

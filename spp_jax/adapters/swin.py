@@ -1,0 +1,320 @@
+"""Swin adapter: mask groups, costs and physical slicing for `spp_jax.models.swin.SwinTransformer`.
+
+Groups: one per stage s and kind, named `stage{s}/{kind}`, of depth = the stage's blocks:
+    qk [head_dim], vo [head_dim], mlp [mlp_dim], heads [num_heads] (optional), as the ViT's.
+Costs of one entry (per example, at config.image_size; C = stage width, H = heads, hd = head_dim,
+n = tokens of the stage's map, N = tokens of the map padded to whole windows (= n unless padded),
+T = tokens per window, R = (2w-1)^2 rows of the relative position table):
+    qk    2H(C+1) params,            N(2HC + TH) MACs  (W_q, W_k columns; q.k products)
+    vo    H(2C+1) params,            N(2HC + TH) MACs  (W_v columns, W_o rows; weights.v products)
+    mlp   2C+1 params,               2nC MACs
+    heads hd(4C+3) + R params,       N(4 hd C + 2T hd) MACs: one head at full head_dim with its table
+          column (an upper bound when qk or vo is also a group, exact alone)
+Everything else is the base: patch embedding, merging layers, norms, biases, the relative position tables
+(unless "heads" is a group), the head. A block keeps its table while it has heads, even when its
+attention branch is gone (no value dim left: it reduces to W_o's bias), so the cost stays linear. With
+"vo" but not "qk" a group, W_q and W_k are base cost although a dead branch drops them (vo then declares
+an upper bound).
+Slicing (algorithm.md §5): keep the columns of W_q, W_k where qk is kept (in every kept head), of W_v where
+vo is kept, the matching input rows of W_o, the columns of fc1 and rows of fc2 where mlp is kept; a kept
+head keeps its slices of all four and its column of the relative position table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from spp_jax.adapters.base import ArchSpec, Params, register_adapter
+from spp_jax.errors import CheckpointMismatch, ConfigError
+from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
+from spp_jax.models.swin import KINDS, SwinConfig, SwinTransformer
+from spp_jax.models.swin_attention import window_geometry
+from spp_jax.models.vit import LayerDims, layers_from_json, layers_to_json
+
+
+def _stage_tokens(c: SwinConfig, side: int) -> tuple[int, int, int]:
+    """(tokens n, padded tokens N, window tokens T) of a stage on a side x side map."""
+    win, _, padded, _ = window_geometry(side, side, c.window_size, False)
+    return side * side, padded * padded, win * win
+
+
+def _attn_cost(c: SwinConfig, s: int, side: int, h: int, dqk: int, dv: int) -> tuple[int, int]:
+    """Params and MACs of a live attention branch's q, k, v and out weights (linear in h*dqk, h*dv)."""
+    d = c.dim(s)
+    _, big_n, t = _stage_tokens(c, side)
+    params = h * dv * (2 * d + 1) + 2 * h * dqk * (d + 1)
+    macs = big_n * (2 * d * h * dv + t * h * dv + 2 * d * h * dqk + t * h * dqk)
+    return params, macs
+
+
+def swin_cost(c: SwinConfig, layers: Sequence[LayerDims], linear: bool = False) -> tuple[int, int]:
+    """(params, MACs per example) of a Swin with per-block dims `layers`, counted from the shapes.
+
+    `linear`: count q/k/v/out weights for whatever dims are given, even where the branch is dead (the
+    base cost of `SwinAdapter.mask_spec`)."""
+    p, d0 = c.patch_size, c.embed_dim
+    sides = c.sides()
+    params = p * p * 3 * d0 + d0 + 2 * d0
+    macs = sides[0] ** 2 * p * p * 3 * d0
+    n_rel = (2 * c.window_size - 1) ** 2
+    for s in range(c.num_stages):
+        d = c.dim(s)
+        n = sides[s] ** 2
+        if s > 0:
+            params += 2 * 2 * d + 2 * d * d  # merge norm (4C_prev = 2C) + reduction 2C -> C
+            macs += n * 2 * d * d
+        for ly in layers[c.first_block(s) : c.first_block(s + 1)]:
+            h, dqk, dv, m = ly.num_heads, ly.qk_dim, ly.v_dim, ly.mlp_dim
+            params += 6 * d + n_rel * h  # ln1, ln2, W_o and fc2 biases; the position table
+            if linear or h * dv > 0:
+                ap, am = _attn_cost(c, s, sides[s], h, dqk, dv)
+                params, macs = params + ap, macs + am
+            if m > 0:
+                params += 2 * d * m + m
+                macs += 2 * n * d * m
+    params += 2 * c.num_features
+    if c.num_classes:
+        params += c.num_features * c.num_classes + c.num_classes
+        macs += c.num_features * c.num_classes
+    return params, macs
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinAdapter:
+    """Adapter for a dense Swin of `config`, pruning the mask kinds in `groups` in every stage."""
+
+    config: SwinConfig
+    groups: tuple[str, ...] = ("qk", "vo", "mlp")
+    name: str = "swin"
+
+    def __post_init__(self):
+        bad = [g for g in self.groups if g not in KINDS]
+        if bad or not self.groups:
+            raise ConfigError(
+                f"mask groups {list(self.groups)} are not a non-empty subset of {KINDS}; choose from those"
+            )
+
+    def _names(self) -> list[tuple[int, str, str]]:
+        """(stage, kind, group name) of every group, stage-major."""
+        return [(s, g, f"stage{s}/{g}") for s in range(self.config.num_stages) for g in self.groups]
+
+    # -- declaration -------------------------------------------------------------------------------
+    def mask_spec(self) -> MaskSpec:
+        c, g = self.config, set(self.groups)
+        sides = c.sides()
+        n_rel = (2 * c.window_size - 1) ** 2
+        groups = []
+        for s, kind, name in self._names():
+            d, h, hd, mlp = c.dim(s), c.num_heads[s], c.head_dim(s), c.mlp_dim(s)
+            n, big_n, t = _stage_tokens(c, sides[s])
+            entries = {
+                "qk": (hd, 2 * h * (d + 1), big_n * (2 * h * d + t * h), True),
+                "vo": (hd, h * (2 * d + 1), big_n * (2 * h * d + t * h), "qk" in g),
+                "mlp": (mlp, 2 * d + 1, n * 2 * d, True),
+                "heads": (
+                    h,
+                    hd * (4 * d + 3) + n_rel,
+                    big_n * (4 * hd * d + 2 * t * hd),
+                    not g & {"qk", "vo"},
+                ),
+            }
+            size, params, macs, exact = entries[kind]
+            groups.append(MaskGroup(name, c.depths[s], size, params, macs, bool(exact)))
+        base = []
+        for s in range(c.num_stages):
+            hd = c.head_dim(s)
+            dims = LayerDims(
+                0 if "heads" in g else c.num_heads[s],
+                0 if "qk" in g else hd,
+                0 if "vo" in g else hd,
+                0 if "mlp" in g else c.mlp_dim(s),
+            )
+            base += [dims] * c.depths[s]
+        base_params, base_macs = swin_cost(c, base, linear=True)
+        return MaskSpec(tuple(groups), float(base_params), float(base_macs))
+
+    def dense_spec(self) -> ArchSpec:
+        return self._arch_spec(self.config.dense_layers())
+
+    def module(self, arch_spec: ArchSpec | None = None) -> SwinTransformer:
+        if arch_spec is None:
+            return SwinTransformer(self.config)
+        return SwinTransformer(
+            SwinConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"])
+        )
+
+    def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]:
+        return swin_cost(SwinConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"]))
+
+    def _arch_spec(self, layers: Sequence[LayerDims]) -> ArchSpec:
+        return {
+            "arch": self.name,
+            "config": self.config.to_json(),
+            "groups": list(self.groups),
+            "layers": layers_to_json(layers),
+        }
+
+    def _blocks(self, params: Params) -> list[tuple[int, int, Params]]:
+        """(stage, block, block params) of every block, stage-major."""
+        out = []
+        for s in range(self.config.num_stages):
+            for i in range(self.config.depths[s]):
+                try:
+                    out.append((s, i, params[f"stage_{s}"][f"block_{i}"]))
+                except KeyError:
+                    raise CheckpointMismatch(
+                        f"params have no stage_{s}/block_{i}; "
+                        f"they are not a Swin with depths {self.config.depths}"
+                    ) from None
+        return out
+
+    def _per_entry(
+        self, params: Params, fn: Callable[[int, Params], dict[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """Stack `fn(stage, block params)[kind]` over the blocks of each stage, per group."""
+        rows: dict[str, list[np.ndarray]] = {name: [] for _, _, name in self._names()}
+        for s, _, block in self._blocks(params):
+            per = fn(s, block)
+            for g in self.groups:
+                rows[f"stage{s}/{g}"].append(per[g])
+        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
+    def entry_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
+        """Per entry, the product of the L2 norms of the two weight slices it owns ([blocks, size]):
+        qk j: W_q[:, :, j] and W_k[:, :, j] (all heads); vo j: W_v[:, :, j] and W_o[:, j, :];
+        mlp j: fc1[:, j] and fc2[j, :]; heads h: W_v[:, h, :] and W_o[h, :, :]."""
+
+        def per(s: int, block: Params) -> dict[str, np.ndarray]:
+            attn, mlp = block["attn"], block["mlp"]
+            v, o = attn["value"]["kernel"], attn["out"]["kernel"]  # [C, H, hd], [H, hd, C]
+            return {
+                "qk": _norm(attn["query"]["kernel"], (0, 1)) * _norm(attn["key"]["kernel"], (0, 1)),
+                "vo": _norm(v, (0, 1)) * _norm(o, (0, 2)),
+                "mlp": _norm(mlp["fc1"]["kernel"], 0) * _norm(mlp["fc2"]["kernel"], 1),
+                "heads": _norm(v, (0, 2)) * _norm(o, (1, 2)),
+            }
+
+        return self._per_entry(params, per)
+
+    def entry_out_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
+        """Per entry, the L2 norm of the weight slice consuming its masked activation ([blocks, size]):
+        qk j: 1 (q_j and k_j only meet each other); vo j: W_o[:, j, :]; mlp j: fc2[j, :]; heads h: W_o[h]."""
+
+        def per(s: int, block: Params) -> dict[str, np.ndarray]:
+            o = block["attn"]["out"]["kernel"]
+            return {
+                "qk": np.ones(self.config.head_dim(s)),
+                "vo": _norm(o, (0, 2)),
+                "mlp": _norm(block["mlp"]["fc2"]["kernel"], 1),
+                "heads": _norm(o, (1, 2)),
+            }
+
+        return self._per_entry(params, per)
+
+    # -- slicing -----------------------------------------------------------------------------------
+    def normalize_keep(self, keep: KeepSet) -> KeepSet:
+        """Drop entries that no longer affect the function: qk, vo and heads of a block whose attention
+        branch is gone (no vo dim or no head left). Declared cost of the result == `arch_cost` (when every
+        group's cost is exact)."""
+        c = self.config
+        self.mask_spec().check_masks(keep)
+        out = {name: np.asarray(keep[name], bool).copy() for _, _, name in self._names()}
+        for s in range(c.num_stages):
+            vo = out.get(f"stage{s}/vo", np.ones((c.depths[s], 1), bool))
+            heads = out.get(f"stage{s}/heads", np.ones((c.depths[s], 1), bool))
+            dead = ~vo.any(axis=1) | ~heads.any(axis=1)
+            for g in ("qk", "vo", "heads"):
+                if f"stage{s}/{g}" in out:
+                    out[f"stage{s}/{g}"][dead] = False
+        return out
+
+    def extract(
+        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+    ) -> tuple[Params, ArchSpec]:
+        """Slice the dense `params` to the keep-set (algorithm.md §5).
+
+        Kept entries are reset to mask 1 unless `fold_masks`, which multiplies the continuous mask values
+        of `masks` into the kept weights (the result equals the model run with masks * keep). Returns
+        (params, arch spec); `module(arch_spec)` runs them.
+        """
+        if fold_masks and masks is None:
+            raise ConfigError("fold_masks=True needs the mask values (masks=...)")
+        keep = self.normalize_keep(keep)
+        mvals = {k: np.asarray(masks[k], np.float32) for k in keep} if fold_masks else {}
+        new = {k: v for k, v in params.items() if not k.startswith("stage_")}
+        layers = []
+        for s, i, block in self._blocks(params):
+            if i == 0:  # the stage's other params (patch merging) as they are
+                new[f"stage_{s}"] = {
+                    k: v for k, v in params[f"stage_{s}"].items() if not k.startswith("block_")
+                }
+            new[f"stage_{s}"][f"block_{i}"], dims = self._slice_block(block, keep, mvals, s, i)
+            layers.append(dims)
+        return new, self._arch_spec(layers)
+
+    def _slice_block(
+        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], s: int, i: int
+    ) -> tuple[Params, LayerDims]:
+        c = self.config
+
+        def idx(g: str, size: int) -> np.ndarray:
+            name = f"stage{s}/{g}"
+            return np.flatnonzero(keep[name][i]) if name in keep else np.arange(size)
+
+        def scale(g: str, ix: np.ndarray) -> np.ndarray:
+            name = f"stage{s}/{g}"
+            return mvals[name][i][ix] if name in mvals else np.ones(len(ix), np.float32)
+
+        heads, qk = idx("heads", c.num_heads[s]), idx("qk", c.head_dim(s))
+        vo, mlp = idx("vo", c.head_dim(s)), idx("mlp", c.mlp_dim(s))
+        attn = block["attn"]
+        new_attn: dict[str, Any] = {"out": {"bias": np.asarray(attn["out"]["bias"])}}
+        if len(heads):  # a block keeps its table while it has heads (module docstring)
+            table = np.asarray(attn["relative_position_bias_table"])
+            new_attn["relative_position_bias_table"] = table[:, heads]
+        if len(heads) * len(vo) == 0:
+            qk, vo = np.arange(0), np.arange(0)
+        else:
+            for name, ix, g in (("query", qk, "qk"), ("key", qk, "qk"), ("value", vo, "vo")):
+                if len(ix) == 0:
+                    continue
+                sc = scale(g, ix)
+                new_attn[name] = {
+                    "kernel": np.asarray(attn[name]["kernel"])[:, heads][:, :, ix] * sc,
+                    "bias": np.asarray(attn[name]["bias"])[heads][:, ix] * sc,
+                }
+            out_k = np.asarray(attn["out"]["kernel"])[heads][:, vo] * scale("heads", heads)[:, None, None]
+            new_attn["out"]["kernel"] = out_k
+        mlp_p = block["mlp"]
+        if len(mlp) == 0:
+            new_mlp = {"fc2": {"bias": np.asarray(mlp_p["fc2"]["bias"])}}
+        else:
+            sc = scale("mlp", mlp)  # the mask sits before the GELU: fold it into fc1
+            new_mlp = {
+                "fc1": {
+                    "kernel": np.asarray(mlp_p["fc1"]["kernel"])[:, mlp] * sc,
+                    "bias": np.asarray(mlp_p["fc1"]["bias"])[mlp] * sc,
+                },
+                "fc2": {
+                    "kernel": np.asarray(mlp_p["fc2"]["kernel"])[mlp],
+                    "bias": np.asarray(mlp_p["fc2"]["bias"]),
+                },
+            }
+        new_block = {k: v for k, v in block.items() if k not in ("attn", "mlp")}
+        new_block["attn"], new_block["mlp"] = new_attn, new_mlp
+        return new_block, LayerDims(len(heads), len(qk), len(vo), len(mlp))
+
+
+def _norm(w: Any, axes: int | tuple[int, ...]) -> np.ndarray:
+    return np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
+
+
+def _from_spec(arch_spec: ArchSpec) -> SwinAdapter:
+    return SwinAdapter(SwinConfig.from_json(arch_spec["config"]), tuple(arch_spec["groups"]))
+
+
+register_adapter("swin", _from_spec)
