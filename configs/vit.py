@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 86.9% (README).
     c.dense.finetune_steps = 200
     c.dense.lr = 3e-5
+    c.dense.augment = True  # the dense fine-tune's images are augmented as finetune.augment
 
     c.search = ml_collections.ConfigDict()
     # curvature (this library's, the measured best: README) | official (reference code) | paper (split LBI).

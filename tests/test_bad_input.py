@@ -495,6 +495,20 @@ CASES = [
     _train_case("train-unknown-arch", "--config.model.arch=convnext", "model.arch='convnext' is unknown"),
     _train_case("train-unknown-task", "--config.task=segmentation", "task='segmentation' is unknown"),
     Case(
+        "train-swin-checkpoint-missing",
+        "train",
+        "`--config configs/swin.py:mu --config.model.init=timm` (no init_path)",
+        _train("--config.model.init=timm", config=str(ROOT / "configs" / "swin.py") + ":mu"),
+        "give the timm Swin checkpoint file",
+    ),
+    Case(
+        "train-swin-unknown-variant",
+        "train",
+        "`--config configs/swin.py:mu --config.model.variant=XL`",
+        _train("--config.model.variant=XL", config=str(ROOT / "configs" / "swin.py") + ":mu"),
+        "model.variant='XL' is not allowed",
+    ),
+    Case(
         "perplexity-no-text-file",
         "perplexity",
         "`--text_file no_such.txt`",

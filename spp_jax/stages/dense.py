@@ -35,8 +35,10 @@ def stage_dense(ctx: RunContext, wd: Workdir) -> dict:
     log(f"[dense] loaded {cfg.model.init} weights ({n_params / 1e6:.2f}M params)")
     params = ctx.task.prepare_dense(ctx, params)
     if cfg.dense.finetune_steps:
+        steps, lr = cfg.dense.finetune_steps, cfg.dense.lr
+        augment = cfg.dense.get("augment")  # None: as the fine-tuning of pruned models
         params = finetune_params(
-            ctx, wd, adapter.module(), params, ctx.train_src, cfg.dense.finetune_steps, cfg.dense.lr, "dense"
+            ctx, wd, adapter.module(), params, ctx.train_src, steps, lr, "dense", None, augment
         )
     value = evaluate_params(ctx, params)
     checkpoint.save_model(wd.path / "dense", params, adapter.dense_spec(), **{metric: value})

@@ -17,10 +17,11 @@ from spp_jax.workdir import Workdir
 
 
 def finetune_params(
-    ctx: RunContext, wd: Workdir, module, params, train_src, steps, lr, stage, teacher=None
+    ctx: RunContext, wd: Workdir, module, params, train_src, steps, lr, stage, teacher=None, augment=None
 ) -> dict:
     """`steps` of AdamW (warmup + cosine to 0, `cfg.finetune` settings) on all weights of `module`;
-    `teacher = (module, params)` adds distillation. Loss/accuracy rows go to WORKDIR/metrics.jsonl."""
+    `teacher = (module, params)` adds distillation; `augment=None` takes `finetune.augment`. Loss/accuracy
+    rows go to WORKDIR/metrics.jsonl."""
     cfg, task = ctx.cfg, ctx.task
     f = cfg.finetune
     tx = finetune.adamw_cosine(lr, steps, min(f.warmup, steps // 2), f.weight_decay)
@@ -34,7 +35,8 @@ def finetune_params(
         donate_argnums=(0,),
     )
     state = sharding.replicate(finetune.init_train_state(params, tx, cfg.seed), mesh)
-    loader = task.train_loader(train_src, f.batch_size, cfg.seed + 1, augment=f.get("augment", False))
+    augment = f.get("augment", False) if augment is None else augment
+    loader = task.train_loader(train_src, f.batch_size, cfg.seed + 1, augment=augment)
     prog = Progress(stage, steps)
     for k in range(1, steps + 1):
         state, metrics = step_fn(state, sharding.shard_batch(next(loader), mesh), t_params)

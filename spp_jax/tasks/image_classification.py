@@ -59,6 +59,7 @@ class ImageClassification:
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {
         "dense.head": one_of(("probe", "train")),
+        "dense.augment": boolean,
         "dense.probe_steps": positive_int,
         "dense.probe_lr": positive,
         "dense.probe_weight_decay": nonneg,
