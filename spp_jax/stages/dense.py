@@ -1,6 +1,7 @@
-"""Stage 1: the dense task model: the architecture's pretrained weights, prepared by the task (a ViT
-classifier gets a probe-fitted head; a language model is used as loaded), then `dense.finetune_steps` of
-full fine-tuning when asked."""
+"""Stage 1: the dense task model: the architecture's pretrained (or random) weights, prepared by the task
+(an image classifier gets a probe-fitted head unless `dense.head=train`; a language model is used as
+loaded), then `dense.finetune_steps` of full training when asked (`dense.augment`, None = as
+`finetune.augment`). The stage saves once at its end: a kill inside it repeats the stage."""
 
 from __future__ import annotations
 
