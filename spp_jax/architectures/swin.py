@@ -94,14 +94,7 @@ class SwinArchitecture:
     def load_pretrained(self, cfg: Any, adapter: Any) -> dict:
         m = cfg.model
         if m.init == "random":
-            import jax
-            import jax.numpy as jnp
-            import numpy as np
-
-            c = adapter.config
-            x = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-            variables = jax.jit(adapter.module().init)(jax.random.key(cfg.seed), x)
-            return jax.tree.map(np.asarray, variables["params"])
+            return init_params(adapter, cfg.seed)
         self.check_init(cfg)
         return fit_head(_read_checkpoint(m.init, m.init_path, m.image_size)[1], adapter.config)
 
@@ -131,16 +124,19 @@ class SwinArchitecture:
         return adapter, tiny_params(adapter, seed), (images,)
 
 
-def tiny_params(adapter: Any, seed: int, scale: float = 0.1) -> dict:
-    """The adapter's dense init plus N(0, scale^2) noise on every leaf (the zero-initialised head would
-    hide bugs), as numpy arrays."""
+def init_params(adapter: Any, seed: int) -> dict:
+    """The adapter's dense model at our own init (numpy arrays)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     c = adapter.config
     x = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-    params = jax.jit(adapter.module().init)(jax.random.key(seed), x)["params"]
-    rng = np.random.default_rng(seed + 1)
-    noise = lambda p: (np.asarray(p) + scale * rng.standard_normal(p.shape)).astype(np.float32)
-    return jax.tree.map(noise, params)
+    return jax.tree.map(np.asarray, jax.jit(adapter.module().init)(jax.random.key(seed), x)["params"])
+
+
+def tiny_params(adapter: Any, seed: int, scale: float = 0.1) -> dict:
+    """`init_params` plus N(0, scale^2) noise on every leaf (the zero-initialised head would hide bugs)."""
+    from spp_jax.architectures.vit import perturbed
+
+    return perturbed(init_params(adapter, seed), seed, scale)
