@@ -204,14 +204,18 @@ def _sow_mask_input(module: nn.Module, group: str, x: Array, axis: int = -1) -> 
 
 
 class MaskedAttention(nn.Module):
-    """Multi-head self-attention with qk/vo/heads masks; scale stays 1/sqrt(head_dim) (algorithm.md §5)."""
+    """Multi-head self-attention with qk/vo/heads masks; scale stays 1/sqrt(head_dim) (algorithm.md §5).
+
+    `bias` (optional) is added to the attention logits, broadcastable to [B, H, Q, K]: a large negative value
+    removes a key (padding, causal order). With every qk dim removed the logits are just `bias`, so the
+    uniform attention then runs over the keys it allows, as the binary-masked dense model does."""
 
     dims: LayerDims
     width: int
     head_dim: int
 
     @nn.compact
-    def __call__(self, x: Array, masks: Mapping[str, Array]) -> Array:
+    def __call__(self, x: Array, masks: Mapping[str, Array], bias: Array | None = None) -> Array:
         h, dqk, dv = self.dims.num_heads, self.dims.qk_dim, self.dims.v_dim
         if h * dv == 0:  # every value dim (or head) removed: the branch outputs W_o's bias only.
             return Bias(self.width, name="out")(x)
@@ -228,7 +232,13 @@ class MaskedAttention(nn.Module):
                 _sow_mask_input(self, "qk", k)
                 q, k = q * masks["qk"], k * masks["qk"]
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
+            if bias is not None:
+                logits = logits + bias
             weights = jax.nn.softmax(logits, axis=-1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        elif bias is not None:  # all qk dims removed: logits are `bias` alone.
+            b, n = x.shape[0], x.shape[-2]
+            weights = jax.nn.softmax(jnp.broadcast_to(bias, (b, h, n, n)), axis=-1)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:  # all qk dims removed: logits are 0, attention is uniform over keys.
             out = jnp.broadcast_to(v.mean(axis=1, keepdims=True), v.shape)
@@ -240,13 +250,29 @@ class MaskedAttention(nn.Module):
 
 class MaskedMlp(nn.Module):
     """Two-layer MLP with a mask on the hidden neurons (before the activation by default); the masked
-    activation is sown for wanda under `group` (the mask group's name)."""
+    activation is sown for wanda under `group` (the mask group's name).
+
+    `activation`: None = GELU (tanh approximation iff `gelu_approximate`), "gelu" (exact erf), "gelu_tanh",
+    "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP) or "relu"."""
 
     mlp_dim: int
     width: int
     mask_pre_act: bool = True
     gelu_approximate: bool = False
     group: str = "mlp"
+    activation: str | None = None
+
+    def act(self, y: Array) -> Array:
+        name = self.activation or ("gelu_tanh" if self.gelu_approximate else "gelu")
+        if name in ("gelu", "gelu_tanh"):
+            return nn.gelu(y, approximate=name == "gelu_tanh")
+        if name == "quick_gelu":
+            return y * jax.nn.sigmoid(1.702 * y)
+        if name == "relu":
+            return jax.nn.relu(y)
+        raise ConfigError(
+            f"MLP activation {name!r} is unknown; use 'gelu', 'gelu_tanh', 'quick_gelu' or 'relu'"
+        )
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None) -> Array:
@@ -256,7 +282,7 @@ class MaskedMlp(nn.Module):
         if mask is not None and self.mask_pre_act:
             _sow_mask_input(self, self.group, y)
             y = y * mask
-        y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = self.act(y)
         if mask is not None and not self.mask_pre_act:
             _sow_mask_input(self, self.group, y)
             y = y * mask
