@@ -37,7 +37,8 @@ def vit_cost(config: ViTConfig, layers: Sequence[LayerDims]) -> tuple[int, int]:
     d, n, p = c.width, c.num_tokens, c.patch_size
     n_patches = (c.image_size // p) ** 2
     n_pos = c.posemb_grid**2 + int(c.posemb_cls and c.cls_token)
-    params = p * p * 3 * d + d + n_pos * d + int(c.cls_token) * d
+    params = p * p * 3 * d + int(c.patch_bias) * d + n_pos * d + int(c.cls_token) * d
+    params += 2 * d if c.ln_pre else 0
     macs = n_patches * p * p * 3 * d
     for ly in layers:
         h, dqk, dv, m = ly.num_heads, ly.qk_dim, ly.v_dim, ly.mlp_dim

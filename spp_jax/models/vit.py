@@ -58,6 +58,11 @@ class ViTConfig:
       mlp_mask_pre_act: apply the mlp mask before the GELU (reference code) or after it.
       gelu_approximate: tanh approximation of GELU (False = exact erf GELU, as timm/DINOv2).
       droppath_rate: stochastic depth (max rate, linear in depth), active only with train=True.
+      ln_pre: a LayerNorm ("ln_pre") on the tokens after the position embeddings, before the first block
+        (CLIP's vision tower).
+      patch_bias: the patch-embedding convolution has a bias (CLIP's has none).
+      activation: the MLP activation ("gelu", "gelu_tanh", "quick_gelu", "relu"); None = GELU as
+        `gelu_approximate` says. OpenAI CLIP uses "quick_gelu" = x * sigmoid(1.702 x).
     """
 
     width: int = 384
@@ -77,8 +82,16 @@ class ViTConfig:
     mlp_mask_pre_act: bool = True
     gelu_approximate: bool = False
     droppath_rate: float = 0.0
+    ln_pre: bool = False
+    patch_bias: bool = True
+    activation: str | None = None
 
     def __post_init__(self):
+        acts = ("gelu", "gelu_tanh", "quick_gelu", "relu")  # MaskedMlp's activations
+        if self.activation is not None and self.activation not in acts:
+            raise ConfigError(
+                f"activation={self.activation!r} is not an MLP activation; use None or one of {acts}"
+            )
         if self.width % self.num_heads:
             raise ConfigError(
                 f"width {self.width} is not divisible by num_heads {self.num_heads}; "
@@ -329,9 +342,14 @@ class EncoderBlock(nn.Module):
             y = LayerScale(c.width, name="ls1")(y)
         x = x + DropPath(self.droppath)(y, train)
         y = nn.LayerNorm(epsilon=c.ln_eps, name="ln2")(x)
-        y = MaskedMlp(self.dims.mlp_dim, c.width, c.mlp_mask_pre_act, c.gelu_approximate, name="mlp")(
-            y, masks.get("mlp")
-        )
+        y = MaskedMlp(
+            self.dims.mlp_dim,
+            c.width,
+            c.mlp_mask_pre_act,
+            c.gelu_approximate,
+            activation=c.activation,
+            name="mlp",
+        )(y, masks.get("mlp"))
         if c.layerscale:
             y = LayerScale(c.width, name="ls2")(y)
         return x + DropPath(self.droppath)(y, train)
@@ -365,7 +383,9 @@ class VisionTransformer(nn.Module):
             raise ConfigError(
                 f"input {hgt}x{wid} is not square or not a multiple of patch {p}; resize the images"
             )
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
+        x = nn.Conv(
+            c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, name="embedding"
+        )(images)
         grid = hgt // p
         x = x.reshape(b, grid * grid, c.width)
         n_pos = c.posemb_grid**2 + int(c.posemb_cls and c.cls_token)
@@ -378,6 +398,8 @@ class VisionTransformer(nn.Module):
             if c.posemb_cls:
                 cls = cls + posemb[:, :1]
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)), x], axis=1)
+        if c.ln_pre:
+            x = nn.LayerNorm(epsilon=c.ln_eps, name="ln_pre")(x)
         for i, dims in enumerate(layers):
             layer_masks = {k: m[i] for k, m in masks.items()}
             rate = c.droppath_rate * i / max(c.depth - 1, 1)
