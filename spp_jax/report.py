@@ -11,7 +11,11 @@ and every field inside an entry, may be missing):
      "path":    [{"step", "support": {group: frac, ..., "all": frac}, "kept_params_frac",
                   "kept_macs_frac", "accuracy"}, ...],
      "targets": [{"target", "params", "macs", "params_frac", "macs_frac", "layers", "accuracy_masked",
-                  "accuracy_finetuned", "throughput", "dir"}, ...]}
+                  "accuracy_finetuned", "throughput", "dir", "extra_masked", "extra_finetuned"}, ...],
+     "references": {name: value of the metric, ...}}   # model-free references (e.g. TF-IDF + LR)
+
+Tasks with metrics besides the main one (e.g. retrieval recall) put them, as {name: value} dicts, in
+"dense"["extra"] and each target's "extra_masked" / "extra_finetuned": the report adds a table of them.
 
 The metric is accuracy unless the report says otherwise: `"metric": {"name": "perplexity",
 "higher_is_better": false, "throughput_unit": "tok/s"}` makes every "accuracy" key above read "perplexity"
@@ -205,10 +209,12 @@ def render_markdown(report: Mapping) -> str:
         ("Train split", data.get("train_split")),
         ("Eval split", data.get("eval_split")),
         ("Classes", data.get("num_classes")),
+        ("Sequence length (tokens)", data.get("seq_len")),
         ("Block length (tokens)", data.get("block_len")),
         ("Eval blocks", data.get("eval_blocks")),
     ]
     summary += [(str(k), v) for k, v in config.items()]
+    summary += [(f"Reference: {k}", fmt(v)) for k, v in _dict(report, "references").items()]
     lines += [f"- **{k}**: {v}" for k, v in summary if v not in (None, _DASH, "")]
     lines.append("")
 
@@ -261,6 +267,7 @@ def render_markdown(report: Mapping) -> str:
         "masks, before fine-tuning.",
         "",
     ]
+    lines += _extra_table(dense, targets)
     arch = [t for t in targets if t.get("layers") or t.get("dir")]
     if arch:
         lines += ["### Target architectures", ""]
@@ -296,6 +303,21 @@ def render_markdown(report: Mapping) -> str:
         lines.append("")
     lines += ["![solution path](path.png)", "", f"![{metric} vs params]({metric}_vs_params.png)", ""]
     return "\n".join(lines)
+
+
+def _extra_table(dense: Mapping, targets: Sequence[Mapping]) -> list[str]:
+    """The task's extra metrics (fractions, shown as %): dense, and each target masked / fine-tuned."""
+    names = list(_dict(dense, "extra"))
+    for t in targets:
+        names += [k for key in ("extra_masked", "extra_finetuned") for k in _dict(t, key) if k not in names]
+    if not names:
+        return []
+    header = ["model", *[f"{n} {when}" for n in names for when in ("masked", "fine-tuned")]]
+    rows = [["dense", *[_acc(_dict(dense, "extra").get(n)) for n in names for _ in range(2)]]]
+    for t in targets:
+        m, f = _dict(t, "extra_masked"), _dict(t, "extra_finetuned")
+        rows.append([str(t.get("target", "?")), *[_acc(d.get(n)) for n in names for d in (m, f)]])
+    return ["### Other metrics", "", *_table(header, rows), ""]
 
 
 def _gflops(macs: Any) -> str:

@@ -101,11 +101,11 @@ def run_report(ctx: RunContext, wd: Workdir, dense, searched, extracted, tuned, 
 
     with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
         path_records = paths.records()
-    targets = [
-        {**t, f"{metric}_finetuned": ev["targets"][t["target"]][metric],
-         "throughput": ev["targets"][t["target"]]["throughput"]}
-        for t in extracted["targets"]
-    ]  # fmt: skip
+    targets = []
+    for t in extracted["targets"]:
+        r = ev["targets"][t["target"]]
+        targets.append({**t, f"{metric}_finetuned": r[metric], "throughput": r["throughput"],
+                        **({"extra_finetuned": r["extra"]} if "extra" in r else {})})  # fmt: skip
     rep = {
         "model": {**ctx.arch.report_model(cfg), "params": dense["params"], "macs": dense["macs"]},
         "data": ctx.task.report_data(),
@@ -120,10 +120,13 @@ def run_report(ctx: RunContext, wd: Workdir, dense, searched, extracted, tuned, 
         "dense": {
             **{k: dense[k] for k in (metric, "params", "macs")},
             "throughput": ev["dense"]["throughput"],
+            **({"extra": dense["extra"]} if "extra" in dense else {}),
         },
         "path": path_records,
         "targets": targets,
     }
+    if "references" in dense:
+        rep["references"] = dense["references"]
     if ctx.task.name != "image_classification":  # the report's defaults are the first task's
         rep["metric"] = {"name": metric, "higher_is_better": ctx.task.higher_is_better,
                          "throughput_unit": ctx.task.throughput_unit}  # fmt: skip

@@ -1,4 +1,5 @@
-"""Deterministic, resumable grain loaders of fixed-length token blocks (for language models).
+"""Deterministic, resumable grain loaders of fixed-shape records: token blocks (language models) and
+tokenised texts with their attention masks and labels (text classification).
 
 Pipeline (grain ``MapDataset`` API, one process's view)::
 
@@ -13,8 +14,9 @@ any sequence of dicts with an int [block_len] ``tokens`` entry).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
@@ -30,6 +32,14 @@ def _tokens(example: Mapping[str, Any], *, key: str = TOKENS_KEY) -> dict[str, n
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ConfigError(f"{key!r} is {tokens.dtype} {list(tokens.shape)}; want a 1-d integer block")
     return {"tokens": tokens.astype(np.int32, copy=False)}
+
+
+def int_fields(example: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The int32 arrays `example[k]` for k in `keys` (e.g. input_ids, attention_mask, label)."""
+    return {k: np.asarray(example[k]).astype(np.int32, copy=False) for k in keys}
+
+
+Convert = Callable[[Mapping[str, Any]], dict[str, np.ndarray]]
 
 
 def make_token_loader(
@@ -48,6 +58,31 @@ def make_token_loader(
 ) -> grain.DatasetIterator:
     """Returns a deterministic, checkpointable grain iterator of ``{"tokens": int32 [b, L]}``.
 
+    The record loader (`make_record_loader`) with the blocks' ``tokens_key`` as the record.
+    """
+    return make_record_loader(
+        source, global_batch_size, seed, num_epochs, convert=functools.partial(_tokens, key=tokens_key),
+        shuffle=shuffle, process_index=process_index, process_count=process_count,
+        drop_remainder=drop_remainder, worker_count=worker_count, read_options=read_options,
+    )  # fmt: skip
+
+
+def make_record_loader(
+    source: Source,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    *,
+    convert: Convert,
+    shuffle: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+    """Returns a deterministic, checkpointable grain iterator of batched ``convert(example)`` dicts.
+
     Each process reads its own disjoint, equal-sized shard (``source[i::n]`` after dropping
     ``len % n`` trailing blocks) in batches of ``b = global_batch_size // process_count``.
     ``shuffle`` reshuffles every epoch from ``seed``; ``num_epochs=None`` repeats forever.
@@ -59,13 +94,13 @@ def make_token_loader(
     shard_len = len(source) // count
     if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):
         raise ConfigError(
-            f"{len(source)} blocks over {count} processes give no batch of {batch_size}; "
+            f"{len(source)} records over {count} processes give no batch of {batch_size}; "
             "use a smaller batch or a bigger split"
         )
     ds = grain.MapDataset.source(source)[: shard_len * count][index::count].seed(seed)
     if shuffle:
         ds = ds.shuffle()
-    ds = ds.repeat(num_epochs).map(lambda ex: _tokens(ex, key=tokens_key))
+    ds = ds.repeat(num_epochs).map(convert)
     it_ds = ds.to_iter_dataset(read_options)
     if worker_count > 0:
         _allow_unparsed_absl_flags()
@@ -83,11 +118,29 @@ def iterate_token_eval(
     tokens_key: str = TOKENS_KEY,
     read_options: grain.ReadOptions | None = None,
 ) -> Iterator[Batch]:
-    """Yields every block of this process's shard once, in order, in padded batches.
+    """Yields every block of this process's shard once, in order, in padded batches: `iterate_record_eval`
+    with the blocks' ``tokens_key`` as the record."""
+    return iterate_record_eval(
+        source, batch_size, limit, convert=functools.partial(_tokens, key=tokens_key),
+        process_index=process_index, process_count=process_count, read_options=read_options,
+    )  # fmt: skip
+
+
+def iterate_record_eval(
+    source: Source,
+    batch_size: int,
+    limit: int | None = None,
+    *,
+    convert: Convert,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> Iterator[Batch]:
+    """Yields every record of this process's shard once, in order, in padded batches.
 
     Reads the first ``limit`` blocks (all if None); process ``i`` of ``n`` takes ``[i::n]`` of
     them. All processes yield the same number of batches of ``batch_size``, padded at the end
-    with real blocks. Each batch: ``tokens`` int32 [b, L] and ``mask`` float32 [b] (1 real,
+    with real records. Each batch: the ``convert``ed fields and ``mask`` float32 [b] (1 real,
     0 padding), so mask-weighted sums over processes give exact split totals (e.g. perplexity).
     """
     index, count = _process(process_index, process_count)
@@ -103,7 +156,7 @@ def iterate_token_eval(
     def load(j: int) -> dict[str, np.ndarray]:
         k = index + j * count
         mask = np.float32(k < total)  # padding: a real block (same shape), mask 0
-        return {**_tokens(source[k % total], key=tokens_key), "mask": mask}
+        return {**convert(source[k % total]), "mask": mask}
 
     ds = grain.MapDataset.range(num_batches * batch_size).map(load)
     return iter(ds.to_iter_dataset(read_options).batch(batch_size))

@@ -45,6 +45,9 @@ def stage_dense(ctx: RunContext, wd: Workdir) -> dict:
     checkpoint.save_model(wd.path / "dense", params, adapter.dense_spec(), **{metric: value})
     ctx.task.save_assets(wd.path / "dense")
     result = {metric: value, "params": n_params, "macs": macs, "seconds": time.perf_counter() - t0}
+    extra = ctx.task.extra_metrics(adapter.module(), params, ctx.eval_src)
+    references = ctx.task.references()
+    result.update({"extra": extra} if extra else {}, **({"references": references} if references else {}))
     wd.save_result("dense", result)
     log(f"[dense] {metric} {value:.4f} ({result['seconds']:.0f}s)")
     return {**result, "params_tree": params}

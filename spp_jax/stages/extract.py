@@ -105,6 +105,8 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
             "layers": arch["layers"],
             f"{metric}_masked": value,
         }
+        extra = ctx.task.extra_metrics(adapter.module(arch), small, ctx.eval_src)
+        entry.update({"extra_masked": extra} if extra else {})
         log(
             f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), "
             f"{2 * macs / 1e9:.3f} GFLOPs ({entry['macs_frac']:.1%}), masked {metric} {value:.4f} "

@@ -79,7 +79,9 @@ def evaluate_model(ctx: RunContext, model_dir: Path, value: float | None = None)
     if value is None:
         step = jax.jit(finetune.make_eval_step(module.apply, task))
         value = finetune.evaluate(step, params, task.eval_batches(ctx.eval_src), task=task)
-    return {task.metric: value, "throughput": task.throughput(module, params)}
+    out = {task.metric: value, "throughput": task.throughput(module, params)}
+    extra = task.extra_metrics(module, params, ctx.eval_src)
+    return {**out, "extra": extra} if extra else out
 
 
 def stage_finetune_evaluate(ctx: RunContext, wd: Workdir, extracted: dict) -> tuple[dict, dict]:

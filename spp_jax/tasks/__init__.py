@@ -15,6 +15,7 @@ from spp_jax.tasks.base import Task, model_loss, softmax_kl
 TASKS = {
     "image_classification": "spp_jax.tasks.image_classification:ImageClassification",
     "causal_lm": "spp_jax.tasks.causal_lm:CausalLM",
+    "text_classification": "spp_jax.tasks.text_classification:TextClassification",
 }
 
 

@@ -57,6 +57,27 @@ class Task(Protocol):
 
     def eval_batches(self, src: Sequence, limit: int | None = None) -> Iterable[dict]: ...
 
+    # -- optional measurements (TaskDefaults gives none) -------------------------------------------
+    def references(self) -> dict[str, float]:
+        """Metric values of reference methods that need no model (e.g. TF-IDF + logistic regression),
+        measured once with the dense model and shown in the report."""
+        ...
+
+    def extra_metrics(self, module: Any, params: Params, src: Sequence) -> dict[str, float]:
+        """Metrics besides `metric` of a model on `src` (e.g. retrieval recall), measured wherever the
+        task's metric is: dense, every target before and after fine-tuning."""
+        ...
+
+
+class TaskDefaults:
+    """No references, no extra metrics: what a task without them inherits."""
+
+    def references(self) -> dict[str, float]:
+        return {}
+
+    def extra_metrics(self, module: Any, params: Params, src: Sequence) -> dict[str, float]:
+        return {}
+
 
 def model_loss(
     apply_fn: ApplyFn, task: Task, params: Params, batch: Batch, masks: Any = None, **kwargs: Any

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from spp_jax.config_rules import Rule, positive_int
-from spp_jax.tasks.base import Batch, softmax_kl
+from spp_jax.tasks.base import Batch, TaskDefaults, softmax_kl
 
 if TYPE_CHECKING:
     import ml_collections
@@ -38,7 +38,7 @@ def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-class CausalLM:
+class CausalLM(TaskDefaults):
     """The causal language-modelling task of a run config (module docstring)."""
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {

@@ -1,95 +1,37 @@
-"""Image classification: softmax cross-entropy, top-1 accuracy, tfds image sources, a probe-fitted head.
+"""Image classification: tfds image sources on top of spp_jax.tasks.classification (loss, accuracy, the
+probe-fitted head of the dense model).
 
 Batches are `{"image": float32 [B, H, W, 3], "label": int32 [B]}` (+ `"mask"` [B] in eval batches, 0 for
-padding rows). The dense model is prepared as: pretrained backbone (the architecture's importer) ->
-multinomial logistic regression on frozen features for the head (full-batch AdamW) -> optionally a short
-full fine-tune (`dense.finetune_steps`). With `dense.head=train` no probe is fitted and those steps train
-the whole model (a from-scratch dense model when `model.init=random`). Config keys: `data.*` (dataset,
+padding rows). Config keys: `data.*` (dataset,
 splits, feature keys), `dense.*`, `finetune.augment`, `eval.throughput_batch`, `model.image_size`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from spp_jax.config_rules import Rule, boolean, nonneg, one_of, positive, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.progress import Progress
-from spp_jax.tasks.base import Batch, softmax_kl
-
-if TYPE_CHECKING:
-    import ml_collections
-
-    from spp_jax.stages.context import RunContext
-
-
-def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy and accuracy (sums over the batch, divided by its size)."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    acc = (logits.argmax(-1) == labels).mean()
-    return loss, acc
+from spp_jax.tasks.base import Batch
+from spp_jax.tasks.classification import (  # noqa: F401  (re-exported: the image task's public names)
+    Classification,
+    _Head,
+    classification_loss,
+    fit_probe,
+    measure_throughput,
+)
 
 
-class _Head:
-    """The first n records of a random-access source."""
+class ImageClassification(Classification):
+    """The image classification task of a run config (module docstring)."""
 
-    def __init__(self, src, n: int):
-        self.src, self.n = src, min(n, len(src))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if i >= self.n:
-            raise IndexError(i)
-        return self.src[i]
-
-
-class ImageClassification:
-    """The image classification task of a run config (module docstring). Without a config, only the pure
-    loss/metric methods are usable (as in the search step of a test)."""
-
-    CONFIG_RULES: ClassVar[dict[str, Rule]] = {
-        "dense.head": one_of(("probe", "train")),
-        "dense.augment": boolean,
-        "dense.probe_steps": positive_int,
-        "dense.probe_lr": positive,
-        "dense.probe_weight_decay": nonneg,
-        "finetune.augment": boolean,
-        "eval.throughput_batch": positive_int,
-    }
     name = "image_classification"
-    metric = "accuracy"
-    higher_is_better = True
     throughput_unit = "img/s"
 
-    def __init__(self, cfg: ml_collections.ConfigDict | None = None):
-        self.cfg = cfg
-
-    # -- pure parts (traced in jit) -------------------------------------------------------------------
     def inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
         return (batch["image"],)
-
-    def loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return classification_loss(outputs, batch["label"])
-
-    def eval_sums(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        valid = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-        return ((outputs.argmax(-1) == batch["label"]) * valid).sum(), valid.sum()
-
-    def finalize(self, num: float, den: float) -> float:
-        return float(num / max(den, 1.0))
-
-    def distill_loss(self, student: jax.Array, teacher: jax.Array, batch: Batch, temp: float) -> jax.Array:
-        return softmax_kl(student, teacher, temp)
 
     # -- data ------------------------------------------------------------------------------------------
     def _source(self, split: str):
@@ -154,34 +96,6 @@ class ImageClassification:
                 "num_classes": self.num_classes()}  # fmt: skip
 
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
-        """Pretrained backbone -> probe-fitted classifier head (`dense.head=probe`; the stage then
-        fine-tunes, if asked), or the loaded params as they are (`dense.head=train`: the dense stage's
-        `dense.finetune_steps` train the whole model, e.g. from a random init)."""
-        if self.cfg.dense.head == "train":
-            if not self.cfg.dense.finetune_steps:
-                raise ConfigError(
-                    "dense.head=train leaves the classifier to the dense stage's training, but "
-                    "dense.finetune_steps=0; set dense.finetune_steps > 0 or dense.head=probe"
-                )
-            return params
-        x, y = self.features(ctx, params, ctx.train_src)
-        return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
-
-    def features(self, ctx: RunContext, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
-        """Frozen backbone features (the architecture's head-less module) and labels of every example."""
-        feat_model = ctx.arch.feature_module(ctx.adapter)
-        fwd = jax.jit(lambda p, x: feat_model.apply({"params": p}, x))
-        backbone = {k: v for k, v in params.items() if k != "head"}
-        feats, labels = [], []
-        prog = Progress("features", math.ceil(len(src) / self.cfg.eval.batch_size))
-        for i, b in enumerate(self.eval_batches(src)):
-            keep = b["mask"] > 0
-            feats.append(np.asarray(fwd(backbone, b["image"]))[keep])
-            labels.append(b["label"][keep])
-            prog.update(i + 1)
-        return np.concatenate(feats), np.concatenate(labels)
-
     def throughput(self, module, params, repeats: int = 5) -> float:
         """Images per second of the jitted forward pass (median of `repeats` timed calls after warm-up)."""
         c = self.cfg
@@ -190,35 +104,3 @@ class ImageClassification:
 
     def save_assets(self, directory) -> None:
         """Nothing besides the params and the arch spec is needed to run an image classifier."""
-
-
-def measure_throughput(fn, params, units: int, repeats: int = 5) -> float:
-    """`units` / median seconds of the jitted `fn(params)` after one warm-up call."""
-    fwd = jax.jit(fn)
-    params = jax.tree.map(jnp.asarray, params)
-    jax.block_until_ready(fwd(params))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(params))
-        times.append(time.perf_counter() - t0)
-    return units / float(np.median(times))
-
-
-def fit_probe(cfg, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
-    """Multinomial logistic regression on frozen features (full batch AdamW) -> head params."""
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    tx = optax.adamw(cfg.dense.probe_lr, weight_decay=cfg.dense.probe_weight_decay)
-    head = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
-    loss = lambda h: optax.softmax_cross_entropy_with_integer_labels(x @ h["kernel"] + h["bias"], y).mean()
-
-    @jax.jit
-    def step(h, s):
-        g = jax.grad(loss)(h)
-        u, s = tx.update(g, s, h)
-        return optax.apply_updates(h, u), s
-
-    state = tx.init(head)
-    for _ in range(cfg.dense.probe_steps):
-        head, state = step(head, state)
-    return jax.tree.map(np.asarray, head)
