@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.search.lam = config_dict.placeholder(float)
     c.search.shrink = config_dict.placeholder(str)
     c.search.base = config_dict.placeholder(str)
+    c.search.curvature_chunks = 0  # curvature from per-example gradients (> 0: that many micro-batches)
     c.search.path_every = 5
     c.search.percent_points = True
     c.search.resume_every = 20

@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.search.lam = config_dict.placeholder(float)
     c.search.shrink = config_dict.placeholder(str)
     c.search.base = config_dict.placeholder(str)
+    c.search.curvature_chunks = 0  # curvature from per-example gradients (> 0: that many micro-batches)
     c.search.path_every = 10  # a path point every N steps ...
     c.search.percent_points = True  # ... and each time the support crosses a new percent
     c.search.resume_every = 50

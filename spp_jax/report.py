@@ -43,6 +43,7 @@ __all__ = ["plot_accuracy", "plot_path", "render_markdown", "to_jsonable", "writ
 
 _STAGES = ("dense", "search", "extract", "finetune", "evaluate")
 _DASH = "–"
+_UNIT_OF = {"img/s": "image", "seq/s": "sequence"}  # what one FLOPs figure is per
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +160,10 @@ def _sample(n: int, k: int = 6) -> list[int]:
 
 
 def _layers(layers: Any) -> str:
-    """Compact per-layer dims: 'heads 6,6,..; qk 64,..; vo ..; mlp ..' for LayerDims dicts."""
+    """Compact per-layer dims: 'heads 6,6,..; qk 64,..; vo ..; mlp ..' for LayerDims dicts; of a
+    {tower: layers} dict, one such line per tower."""
+    if isinstance(layers, Mapping) and layers:
+        return " / ".join(f"{tower}: {_layers(v)}" for tower, v in layers.items())
     if not isinstance(layers, Sequence) or not layers:
         return _DASH
     keys = (("num_heads", "heads"), ("num_kv_heads", "kv heads"), ("qk_dim", "qk"), ("v_dim", "vo"),
@@ -262,7 +266,7 @@ def render_markdown(report: Mapping) -> str:
     lines += _table(header, rows)
     lines += [
         "",
-        f"GFLOPs = 2 x MACs per {'image' if unit == 'img/s' else 'token'}. Dense {metric} is shown in "
+        f"GFLOPs = 2 x MACs per {_UNIT_OF.get(unit, 'token')}. Dense {metric} is shown in "
         f"both {metric} columns. Masked {metric} = the dense model with the target's binary keep-set as "
         "masks, before fine-tuning.",
         "",

@@ -54,6 +54,7 @@ _RULES: dict[str, Rule] = {
     "search.eval_examples": positive_int,
     "search.percent_points": boolean,
     "search.eval_points": boolean,
+    "search.curvature_chunks": nonneg_int,
     "extract.round_to": positive_int,
     "extract.fold_masks": boolean,
     "extract.ranking": one_of(baselines.RANKINGS),
@@ -144,6 +145,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"search.path_every={s.path_every!r} is not allowed; "
             f"use an integer in [1, search.steps={s.steps}]"
+        )
+    chunks = s.get("curvature_chunks") or 0
+    if chunks and (s.mode != "curvature" or s.batch_size % chunks):
+        raise ConfigError(
+            f"search.curvature_chunks={chunks} needs search.mode=curvature and a divisor of "
+            f"search.batch_size={s.batch_size}; use 0 (per example) or such a divisor"
         )
     n = jax.device_count()
     for name in ("search", "finetune"):

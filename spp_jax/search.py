@@ -6,7 +6,10 @@ then the state also carries the weights and their optimizer state.
 
 With `curvature=True` (the curvature form of spp_jax.spp) the step differentiates each example's loss on
 its own (vmap over the batch) and passes the transform the per-entry mean of the squared per-example mask
-gradients as `curvature`; the loss, accuracy and mean gradient are those of the batch as before.
+gradients as `curvature`; the loss, accuracy and mean gradient are those of the batch as before. A loss
+that is not a sum over examples (a contrastive loss, whose examples share the batch's captions) can split
+the batch into `curvature_chunks` equal micro-batches instead: the curvature is then the mean squared
+micro-batch gradient (the form's nu is in units of its step-1 mean, so the scale change cancels).
 
 The step never commits a non-finite update: if the loss or a gradient is NaN/Inf the old state is kept and
 `metrics["nonfinite"]` is 1, so the host can stop before writing a bad path point.
@@ -57,19 +60,32 @@ def init_search_state(
 
 
 def per_example_mask_gradients(
-    apply_fn: ApplyFn, task: Task | None, params: Params, masks: Masks, batch: Mapping[str, jax.Array]
+    apply_fn: ApplyFn,
+    task: Task | None,
+    params: Params,
+    masks: Masks,
+    batch: Mapping[str, jax.Array],
+    chunks: int | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], Masks]:
     """((loss_e, aux_e), dL_e/dM) for every example e of the batch (vmap over the leading axis of every
-    batch array; `task` None = image classification)."""
+    batch array; `task` None = image classification), or for each of `chunks` equal micro-batches."""
     task = default_task(task)
+    if chunks:
+        size = jax.tree.leaves(batch)[0].shape[0]
+        if size % chunks:
+            raise ConfigError(
+                f"search.curvature_chunks={chunks} does not divide the batch of {size}; use a divisor"
+            )
+        groups = jax.tree.map(lambda x: x.reshape(chunks, size // chunks, *x.shape[1:]), dict(batch))
+    else:
+        groups = jax.tree.map(lambda x: x[:, None], dict(batch))
 
-    def one(example):
-        one_batch = jax.tree.map(lambda x: x[None], example)
+    def one(group):
         return jax.value_and_grad(
-            lambda m: model_loss(apply_fn, task, params, one_batch, masks=m, train=False), has_aux=True
+            lambda m: model_loss(apply_fn, task, params, group, masks=m, train=False), has_aux=True
         )(masks)
 
-    return jax.vmap(one)(dict(batch))
+    return jax.vmap(one)(groups)
 
 
 def path_metrics(spec: MaskSpec, opt_state: spp_lib.SPPState) -> dict[str, jax.Array]:
@@ -92,12 +108,14 @@ def make_search_step(
     weights_tx: optax.GradientTransformation | None = None,
     task: Task | None = None,
     curvature: bool = False,
+    curvature_chunks: int | None = None,
 ) -> Callable[[SearchState, Params, dict[str, jax.Array]], tuple[SearchState, dict[str, jax.Array]]]:
     """Build `step(state, frozen_params, batch) -> (state, metrics)`; jit it with the shardings you want.
 
     One step is M_{k+1} = M_k + SPP-update(grad_M L(M_k)) and the Z/Gamma recursion of the SPP
     transform (algorithm.md §3). With `weights_tx`, weights move by their own optimizer on grad_W L.
-    `curvature=True` also passes the transform `curvature` (module docstring; not with `weights_tx`).
+    `curvature=True` also passes the transform `curvature` (module docstring; not with `weights_tx`), from
+    per-example gradients or those of `curvature_chunks` micro-batches.
     The loss is `task`'s (spp_jax.tasks; None = image classification) on the batch's `task.inputs`.
     """
     task = default_task(task)
@@ -115,7 +133,9 @@ def make_search_step(
 
         extra = {}
         if curvature:
-            (losses, accs), per_ex = per_example_mask_gradients(apply_fn, task, params, state.masks, batch)
+            (losses, accs), per_ex = per_example_mask_gradients(
+                apply_fn, task, params, state.masks, batch, curvature_chunks
+            )
             loss, acc = losses.mean(), accs.mean()
             grads = jax.tree.map(lambda g: g.mean(0), per_ex)
             extra["curvature"] = jax.tree.map(lambda g: jnp.square(g).mean(0), per_ex)

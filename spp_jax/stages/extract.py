@@ -102,7 +102,7 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
             "macs": macs,
             "params_frac": n_params / dense_params,
             "macs_frac": macs / dense_macs,
-            "layers": arch["layers"],
+            "layers": spec_layers(arch),
             f"{metric}_masked": value,
         }
         extra = ctx.task.extra_metrics(adapter.module(arch), small, ctx.eval_src)
@@ -114,6 +114,13 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
         )
         out.append(entry)
     return out
+
+
+def spec_layers(arch: dict) -> list | dict:
+    """The per-layer dims of an arch spec; of a two-tower spec, {tower: its per-layer dims}."""
+    if "layers" in arch:
+        return arch["layers"]
+    return {k: v["layers"] for k, v in arch.items() if isinstance(v, dict) and "layers" in v}
 
 
 def stage_extract(ctx: RunContext, wd: Workdir, params: dict) -> dict:

@@ -58,7 +58,14 @@ def stage_search(ctx: RunContext, wd: Workdir, params: dict) -> dict:
     mesh = sharding.make_mesh()
     rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     step_fn = jax.jit(
-        search.make_search_step(module.apply, spec, tx, task=task, curvature=s.mode == "curvature"),
+        search.make_search_step(
+            module.apply,
+            spec,
+            tx,
+            task=task,
+            curvature=s.mode == "curvature",
+            curvature_chunks=s.get("curvature_chunks") or None,
+        ),
         in_shardings=(rep, rep, data_sh),
         out_shardings=(rep, rep),
         donate_argnums=(0,),

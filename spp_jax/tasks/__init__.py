@@ -16,6 +16,7 @@ TASKS = {
     "image_classification": "spp_jax.tasks.image_classification:ImageClassification",
     "causal_lm": "spp_jax.tasks.causal_lm:CausalLM",
     "text_classification": "spp_jax.tasks.text_classification:TextClassification",
+    "image_text": "spp_jax.tasks.image_text:ImageText",
 }
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spp_jax.config_rules import Rule, boolean, nonneg, one_of, positive, positive_int
+from spp_jax.config_rules import Rule, nonneg, one_of, positive, positive_int
 from spp_jax.errors import ConfigError
 from spp_jax.progress import Progress
 from spp_jax.tasks.base import Batch, TaskDefaults, softmax_kl
@@ -59,11 +59,9 @@ class Classification(TaskDefaults):
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {
         "dense.head": one_of(("probe", "train")),
-        "dense.augment": boolean,
         "dense.probe_steps": positive_int,
         "dense.probe_lr": positive,
         "dense.probe_weight_decay": nonneg,
-        "finetune.augment": boolean,
         "eval.throughput_batch": positive_int,
     }
     metric = "accuracy"

@@ -9,10 +9,12 @@ splits, feature keys), `dense.*`, `finetune.augment`, `eval.throughput_batch`, `
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from spp_jax.config_rules import Rule, boolean
 from spp_jax.errors import ConfigError
 from spp_jax.tasks.base import Batch
 from spp_jax.tasks.classification import (  # noqa: F401  (re-exported: the image task's public names)
@@ -27,6 +29,11 @@ from spp_jax.tasks.classification import (  # noqa: F401  (re-exported: the imag
 class ImageClassification(Classification):
     """The image classification task of a run config (module docstring)."""
 
+    CONFIG_RULES: ClassVar[dict[str, Rule]] = {
+        **Classification.CONFIG_RULES,
+        "dense.augment": boolean,
+        "finetune.augment": boolean,
+    }
     name = "image_classification"
     throughput_unit = "img/s"
 
