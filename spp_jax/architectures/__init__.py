@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "vit": "spp_jax.architectures.vit:ViTArchitecture",
     "llama": "spp_jax.architectures.llama:LlamaArchitecture",
     "swin": "spp_jax.architectures.swin:SwinArchitecture",
+    "bert": "spp_jax.architectures.bert:BertArchitecture",
 }
 
 
