@@ -18,8 +18,13 @@ def _example(name: str, groups=None, seed: int = 0):
     return architecture_class(name)().tiny_example(groups, seed)
 
 
+def _flat(out) -> np.ndarray:
+    """A model's output as one array (a multi-output model, e.g. two towers, gives a tuple)."""
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(out)])
+
+
 def _apply(adapter, params, inputs, masks=None, arch_spec=None):
-    return np.asarray(adapter.module(arch_spec).apply({"params": params}, *inputs, masks=masks))
+    return _flat(adapter.module(arch_spec).apply({"params": params}, *inputs, masks=masks))
 
 
 def _count(tree) -> int:
@@ -79,6 +84,6 @@ def test_saved_pruned_model_loads_and_runs_alone(name, tmp_path):
     module, loaded, spec_back = checkpoint.load_pruned(tmp_path / "m")
     assert spec_back == arch_spec
     np.testing.assert_array_equal(
-        np.asarray(module.apply({"params": loaded}, *inputs)),
+        _flat(module.apply({"params": loaded}, *inputs)),
         _apply(adapter, small, inputs, arch_spec=arch_spec),
     )

@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "vit": "spp_jax.architectures.vit:ViTArchitecture",
     "llama": "spp_jax.architectures.llama:LlamaArchitecture",
     "swin": "spp_jax.architectures.swin:SwinArchitecture",
+    "clip": "spp_jax.architectures.clip:ClipArchitecture",
     "bert": "spp_jax.architectures.bert:BertArchitecture",
 }
 
