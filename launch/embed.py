@@ -1,7 +1,7 @@
 r"""Sentence embeddings of a text file, one per line: the config's pretrained encoder or a saved one.
 
   python launch/embed.py --text_file sentences.txt --out emb.npy [--config configs/bert.py] \
-      [--model_dir DIR] [--max_tokens 256] [--batch_size 32]
+      [--model_dir DIR] [--max_tokens N] [--batch_size 32]
 
 Writes a float32 array [lines, width] to --out: per non-empty line, the L2-normalised mean of the encoder's
 last hidden states over the line's tokens (`[CLS] ... [SEP]`, padding excluded), the sentence-transformers
@@ -24,7 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _MODEL = flags.DEFINE_string("model_dir", None, "A saved model directory (default: the config's encoder).")
 _TEXT = flags.DEFINE_string("text_file", None, "UTF-8 text file, one text per line.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output .npy file.", required=True)
-_MAX = flags.DEFINE_integer("max_tokens", 256, "Tokens per line at most (special ones included).")
+_MAX = flags.DEFINE_integer(
+    "max_tokens", None, "Tokens per line at most, special ones included (default: 256, or the model's limit)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Lines per forward pass.")
 
 
@@ -46,7 +48,8 @@ def main(argv):
     from spp_jax.embed import embed_texts, load_encoder
 
     module, params, tokenizer, special = load_encoder(_MODEL.value, _CONFIG.value)
-    emb = embed_texts(module, params, tokenizer, lines, _MAX.value, _BATCH.value, special.get("pad") or 0)
+    max_tokens = _MAX.value or min(256, module.config.max_len)
+    emb = embed_texts(module, params, tokenizer, lines, max_tokens, _BATCH.value, special.get("pad") or 0)
     np.save(out, emb)
     print(f"wrote {emb.shape[0]} embeddings of width {emb.shape[1]} to {out}")
 

