@@ -184,4 +184,10 @@ def check_inputs(ctx: Any, dense_done: bool = False) -> None:
                 f"{key}={b} is more than the {len(src)} examples of {split}={_get(cfg, split)!r}; "
                 "use a smaller batch or a bigger split"
             )
+    s = cfg.search
+    if s.mode == "curvature" and not s.get("curvature_chunks") and not ctx.task.per_example_loss:
+        raise ConfigError(
+            f"task {ctx.task.name}'s loss has no per-example form (its examples share the batch); set "
+            "search.curvature_chunks to a divisor of search.batch_size (configs/clip.py uses 4)"
+        )
     ctx.task.check_data(ctx.train_src)

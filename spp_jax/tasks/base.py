@@ -35,6 +35,7 @@ class Task(Protocol):
     metric: str  # "accuracy", "perplexity", ...
     higher_is_better: bool
     throughput_unit: str  # "img/s", "tok/s"
+    per_example_loss: bool  # the loss is a mean of per-example terms (not so for a contrastive loss)
 
     def inputs(self, batch: Batch) -> tuple[jax.Array, ...]: ...
 
@@ -70,7 +71,10 @@ class Task(Protocol):
 
 
 class TaskDefaults:
-    """No references, no extra metrics: what a task without them inherits."""
+    """No references, no extra metrics, a loss that is a mean over independent examples: what a task
+    without them inherits."""
+
+    per_example_loss = True  # False: the curvature search needs micro-batches (search.curvature_chunks)
 
     def references(self) -> dict[str, float]:
         return {}
