@@ -74,7 +74,9 @@ def embed_texts(
 
     limit = module.config.max_len
     if not 2 <= max_tokens <= limit:
-        raise ConfigError(f"max_tokens={max_tokens} is outside [2, {limit}] (the model's positions)")
+        raise ConfigError(
+            f"max_tokens={max_tokens} is outside [2, {limit}] (the model's positions); use 2 to {limit}"
+        )
     fwd = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask))
     out = []
     for i in range(0, len(texts), batch_size):

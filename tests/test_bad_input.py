@@ -37,6 +37,8 @@ from tests.helpers import tree_snapshot, write_synthetic_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "vit.py")
+BERT = str(ROOT / "configs" / "bert.py")
+CLIP = str(ROOT / "configs" / "clip.py")
 TABLE = ROOT / "docs" / "errors.md"
 WORKERS = 3
 TIMEOUT_S = 180
@@ -65,6 +67,7 @@ class Case:
     setup: Callable[[Ctx], None] | None = None  # prepares case/ (e.g. copies and corrupts the run)
     env: Callable[[Ctx], dict[str, str]] | None = None
     also: tuple[str, ...] = ()  # more substrings of the error line
+    asset: bool = False  # reads an installed asset (MiniLM) before it fails: the test is marked `asset`
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,6 +143,18 @@ def _empty_idx(c: Ctx) -> None:
     (c.case / "empty_idx").mkdir()
 
 
+def _texts(c: Ctx) -> None:
+    (c.case / "t.txt").write_text("a short text\nanother one\n")
+
+
+def _texts_with_empty_line(c: Ctx) -> None:
+    (c.case / "t.txt").write_text("a short text\n\nanother one\n")
+
+
+def _empty_texts(c: Ctx) -> None:
+    (c.case / "t.txt").write_text("")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------------------------
@@ -159,6 +174,21 @@ def _on_wd(*extra: str) -> Callable[[Ctx], list[str]]:
 
 def _train_case(cid: str, override: str, expect: str, *also: str) -> Case:
     return Case(cid, "train", f"`{override}`", _train(override), expect, also=also)
+
+
+def _row_case(cid: str, config: str, overrides: str, expect: str, *also: str, asset: bool = False) -> Case:
+    """A train.py case on another row's `:mu` preset (`config`: BERT or CLIP)."""
+    shown = f"`--config configs/{Path(config).name}:mu {overrides}`"
+    args = _train(*overrides.split(), config=f"{config}:mu")
+    return Case(cid, "train", shown, args, expect, also=also, asset=asset)
+
+
+def _embed(*extra: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: ["--text_file=t.txt", "--out=emb.npy", *extra]
+
+
+def _embed_case(cid: str, shown: str, extra: tuple[str, ...], expect: str, setup=_texts, **kw) -> Case:
+    return Case(cid, "embed", shown, _embed(*extra), expect, setup=setup, **kw)
 
 
 def _target_case(cid: str, target: str, expect: str) -> Case:
@@ -531,6 +561,126 @@ CASES = [
         "has no tokenizer.json",
         setup=copy_run,
     ),
+    # -- the BERT row (configs/bert.py) and embed.py ---------------------------------------------------
+    _row_case(
+        "bert-hf-no-init-path", BERT, "--config.model.init=hf", "model.init_path='' is not a directory"
+    ),
+    _row_case(
+        "bert-hf-init-path-missing",
+        BERT,
+        "--config.model.init=hf --config.model.init_path=no_such_dir",
+        "model.init_path='no_such_dir' is not a directory",
+    ),
+    _row_case("bert-variant-unknown", BERT, "--config.model.variant=bert-huge", "model.variant='bert-huge'"),
+    _row_case("bert-pool-unknown", BERT, "--config.model.pool=max", "model.pool='max' is not allowed"),
+    _row_case(
+        "bert-dataset-not-bbc-news",
+        BERT,
+        "--config.data.dataset=fashion_mnist",
+        "data.dataset='fashion_mnist' is not allowed",
+        "bbc_news",
+    ),
+    _row_case(
+        "bert-seq-len-above-positions",
+        BERT,
+        "--config.model.init=minilm --config.model.seq_len=513",
+        "model.seq_len=513 is more than the 512 position embeddings",
+        asset=True,
+    ),
+    Case(
+        "embed-no-text-file",
+        "embed",
+        "no `--text_file`",
+        lambda c: ["--out=emb.npy"],
+        "--text_file is required",
+    ),
+    Case(
+        "embed-text-file-missing",
+        "embed",
+        "`--text_file no_such.txt`",
+        lambda c: ["--text_file=no_such.txt", "--out=emb.npy"],
+        "--text_file=no_such.txt is not a file",
+    ),
+    _embed_case(
+        "embed-empty-line",
+        "`--text_file` whose second line is empty",
+        (),
+        "t.txt has empty lines ([2])",
+        setup=_texts_with_empty_line,
+    ),
+    _embed_case(
+        "embed-empty-file", "`--text_file` is an empty file", (), "the file is empty", setup=_empty_texts
+    ),
+    Case(
+        "embed-out-dir-missing",
+        "embed",
+        "`--out no_such_dir/emb.npy`",
+        lambda c: ["--text_file=t.txt", "--out=no_such_dir/emb.npy"],
+        "directory no_such_dir does not exist",
+        setup=_texts,
+    ),
+    _embed_case("embed-batch-zero", "`--batch_size 0`", ("--batch_size=0",), "--batch_size=0 is not allowed"),
+    _embed_case(
+        "embed-config-not-text",
+        "`--config configs/vit.py:mu`",
+        ("--config", f"{CONFIG}:mu"),
+        "model.arch is 'vit'",
+    ),
+    _embed_case(
+        "embed-not-a-model",
+        "`--model_dir` is not a saved model",
+        ("--model_dir=notamodel",),
+        "notamodel has no arch_spec.json",
+        setup=_then(_texts, _not_a_model),
+    ),
+    Case(
+        "embed-image-model",
+        "embed",
+        "`--model_dir` of an image classifier (no tokenizer.json)",
+        lambda c: [*_embed()(c), "--model_dir", str(c.wd / "extracted" / "params_0.5")],
+        "has no tokenizer.json",
+        setup=_then(copy_run, _texts),
+    ),
+    _embed_case(
+        "embed-max-tokens-one",
+        "`--max_tokens 1` (the default config's MiniLM)",
+        ("--max_tokens=1",),
+        "max_tokens=1 is outside [2, 512]",
+        asset=True,
+    ),
+    # -- the two-tower CLIP row (configs/clip.py) -----------------------------------------------------
+    _row_case(
+        "clip-curvature-chunks-not-divisor",
+        CLIP,
+        "--config.search.curvature_chunks=3",
+        "search.curvature_chunks=3 needs",
+        "a divisor of search.batch_size=16",
+    ),
+    _row_case(
+        "clip-curvature-chunks-official-mode",
+        CLIP,
+        "--config.search.mode=official",
+        "search.curvature_chunks=4 needs search.mode=curvature",
+        "use 0",
+    ),
+    _row_case(
+        "clip-hf-init-path-missing",
+        CLIP,
+        "--config.model.init=hf --config.model.init_path=no_such_dir",
+        "model.init_path='no_such_dir' does not exist",
+    ),
+    _row_case(
+        "clip-image-groups-unknown",
+        CLIP,
+        "--config.model.image_groups=('qk','ffn')",
+        "model.image_groups=('qk', 'ffn') is not allowed",
+    ),
+    _row_case(
+        "clip-text-groups-repeated",
+        CLIP,
+        "--config.model.text_groups=('mlp','mlp')",
+        "model.text_groups=('mlp', 'mlp') is not allowed",
+    ),
 ]
 assert len({c.id for c in CASES}) == len(CASES)
 
@@ -612,7 +762,9 @@ def error_lines(stderr: str) -> tuple[list[str], list[str]]:
     return lines, [ln for ln in lines if ln.startswith("error: ")]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.asset] if c.asset else []) for c in CASES]
+)
 def test_bad_input_is_one_line_and_leaves_the_workdir(results, case):
     r = results[case.id]
     lines, errors = error_lines(r.stderr)

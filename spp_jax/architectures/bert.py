@@ -91,6 +91,14 @@ class BertArchitecture:
                 f"model.init_path={m.init_path!r} is not a directory; give the Hugging Face BERT directory "
                 f"(config.json, model.safetensors, tokenizer.json) of model.init={m.init}"
             )
+        if not (_checkpoint_dir(cfg) / "config.json").is_file():
+            return  # not a checkpoint: reading it says so (tokenizer, importer), in their words
+        limit = _read_checkpoint(m.init, m.init_path or "")[0].max_len  # read once per process
+        if m.seq_len > limit:  # before the data is tokenised at model.seq_len
+            raise ConfigError(
+                f"model.seq_len={m.seq_len} is more than the {limit} position embeddings of the "
+                f"model.init={m.init} checkpoint; use model.seq_len <= {limit}"
+            )
 
     def load_pretrained(self, cfg: Any, adapter: Any) -> dict:
         m = cfg.model
