@@ -20,9 +20,9 @@ import dataclasses
 from collections.abc import Sequence
 
 from spp_jax.adapters.base import ArchSpec, register_adapter
-from spp_jax.adapters.vit import ViTAdapter
+from spp_jax.adapters.vit import ViTAdapter, blocks_cost, encoder_mask_spec
 from spp_jax.errors import ConfigError
-from spp_jax.groups import MaskGroup, MaskSpec
+from spp_jax.groups import MaskSpec
 from spp_jax.models.bert import BertConfig, BertEncoder
 from spp_jax.models.vit import LayerDims, layers_from_json, layers_to_json
 
@@ -36,21 +36,8 @@ def bert_cost(config: BertConfig, layers: Sequence[LayerDims]) -> tuple[int, int
     d, n = c.width, c.seq_len
     params = (c.vocab_size + c.max_len + c.type_vocab_size) * d  # embedding tables (lookups: 0 MACs)
     params += 2 * d if c.embed_norm else 0
-    macs = 0
-    for ly in layers:
-        h, dqk, dv, m = ly.num_heads, ly.qk_dim, ly.v_dim, ly.mlp_dim
-        params += 4 * d  # ln1, ln2
-        params += d  # W_o bias (kept even when the attention branch is gone)
-        if h * dv > 0:
-            params += h * dv * (d + 1) + h * dv * d
-            macs += 2 * n * d * h * dv + n * n * h * dv
-            if dqk > 0:
-                params += 2 * h * dqk * (d + 1)
-                macs += 2 * n * d * h * dqk + n * n * h * dqk
-        params += d  # fc2 bias
-        if m > 0:
-            params += d * m + m + m * d
-            macs += 2 * n * d * m
+    block_params, macs = blocks_cost(d, n, layers)
+    params += block_params
     params += 2 * d if c.final_norm else 0
     if c.num_classes:
         params += d * c.num_classes + c.num_classes
@@ -76,32 +63,10 @@ class BertAdapter:
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
         c = self.config
-        d, h, hd, n = c.width, c.num_heads, c.head_dim, c.seq_len
-        entries = {
-            "qk": (hd, 2 * h * (d + 1), n * (2 * h * d + n * h), True),
-            "vo": (hd, h * (2 * d + 1), n * (2 * h * d + n * h), True),
-            "mlp": (c.mlp_dim, 2 * d + 1, n * 2 * d, True),
-            "heads": (h, hd * (4 * d + 3), n * (4 * hd * d + 2 * n * hd), False),
-        }
-        groups = tuple(MaskGroup(g, c.depth, *entries[g]) for g in self.groups)
-        g = set(self.groups)
-        base_layer = LayerDims(
-            0 if "heads" in g else h,
-            0 if "qk" in g else hd,
-            0 if "vo" in g else hd,
-            0 if "mlp" in g else c.mlp_dim,
+        cost = lambda layers: bert_cost(c, layers)
+        return encoder_mask_spec(
+            self.groups, c.depth, c.width, c.num_heads, c.head_dim, c.mlp_dim, c.seq_len, cost
         )
-        base_params, base_macs = bert_cost(c, [base_layer] * c.depth)
-        if "vo" in g and not g & {"qk", "heads"}:
-            # W_q, W_k live only while a value dim does: counted in the base, so the declared cost is an
-            # upper bound (exact whenever no layer loses all of its vo entries), as in the ViT adapter.
-            base_params += c.depth * 2 * h * hd * (d + 1)
-            base_macs += c.depth * n * (2 * h * d * hd + n * h * hd)
-            groups = tuple(dataclasses.replace(x, exact_cost=x.name != "vo") for x in groups)
-        if "heads" in g and not g & {"qk", "vo"}:
-            # heads alone: a head's cost is exact, the base is the model without any head.
-            groups = tuple(dataclasses.replace(x, exact_cost=True) for x in groups)
-        return MaskSpec(groups, float(base_params), float(base_macs))
 
     def dense_spec(self) -> ArchSpec:
         return self._arch_spec(self.config.dense_layers())

@@ -12,7 +12,7 @@ vo is kept, the matching input rows of W_o, the columns of fc1 and rows of fc2 w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,18 +31,13 @@ from spp_jax.models.vit import (
 GROUPS = ("qk", "vo", "mlp", "heads")
 
 
-def vit_cost(config: ViTConfig, layers: Sequence[LayerDims]) -> tuple[int, int]:
-    """(params, MACs per example) of a ViT with the given per-layer dims, counted from the shapes."""
-    c = config
-    d, n, p = c.width, c.num_tokens, c.patch_size
-    n_patches = (c.image_size // p) ** 2
-    n_pos = c.posemb_grid**2 + int(c.posemb_cls and c.cls_token)
-    params = p * p * 3 * d + int(c.patch_bias) * d + n_pos * d + int(c.cls_token) * d
-    params += 2 * d if c.ln_pre else 0
-    macs = n_patches * p * p * 3 * d
+def blocks_cost(d: int, n: int, layers: Sequence[LayerDims], layerscale: bool = False) -> tuple[int, int]:
+    """(params, MACs per example) of the transformer blocks (attention + MLP, two norms each) of width `d`
+    with the given per-layer dims on `n` tokens, counted from the shapes (ViT, BERT and CLIP towers)."""
+    params = macs = 0
     for ly in layers:
         h, dqk, dv, m = ly.num_heads, ly.qk_dim, ly.v_dim, ly.mlp_dim
-        params += 4 * d + (2 * d if c.layerscale else 0)  # ln1, ln2 (+ ls1, ls2)
+        params += 4 * d + (2 * d if layerscale else 0)  # ln1, ln2 (+ ls1, ls2)
         params += d  # W_o bias (kept even when the attention branch is gone)
         if h * dv > 0:
             params += h * dv * (d + 1) + h * dv * d
@@ -54,6 +49,54 @@ def vit_cost(config: ViTConfig, layers: Sequence[LayerDims]) -> tuple[int, int]:
         if m > 0:
             params += d * m + m + m * d
             macs += 2 * n * d * m
+    return params, macs
+
+
+def encoder_mask_spec(
+    groups: Sequence[str], depth: int, d: int, h: int, hd: int, mlp_dim: int, n: int,
+    cost: Callable[[Sequence[LayerDims]], tuple[int, int]],
+) -> MaskSpec:  # fmt: skip
+    """The mask spec of a stack of `depth` ViT-layout blocks (width d, h heads of hd dims, MLP mlp_dim, n
+    tokens) pruning `groups`; `cost(layers)` counts the whole model at the given per-layer dims (the base:
+    what no group removes). Per-entry costs in the module docstring."""
+    entries = {
+        "qk": (hd, 2 * h * (d + 1), n * (2 * h * d + n * h), True),
+        "vo": (hd, h * (2 * d + 1), n * (2 * h * d + n * h), True),
+        "mlp": (mlp_dim, 2 * d + 1, n * 2 * d, True),
+        "heads": (h, hd * (2 * (d + 1) + 2 * d + 1), n * (4 * hd * d + 2 * n * hd), False),
+    }
+    out = tuple(MaskGroup(g, depth, *entries[g]) for g in groups)
+    g = set(groups)
+    base_layer = LayerDims(
+        0 if "heads" in g else h,
+        0 if "qk" in g else hd,
+        0 if "vo" in g else hd,
+        0 if "mlp" in g else mlp_dim,
+    )
+    base_params, base_macs = cost([base_layer] * depth)
+    if "vo" in g and not g & {"qk", "heads"}:
+        # W_q, W_k are not a group but live only while a value dim does: count them in the base, so
+        # the declared cost is an upper bound (exact whenever no layer loses all of its vo entries).
+        base_params += depth * 2 * h * hd * (d + 1)
+        base_macs += depth * n * (2 * h * d * hd + n * h * hd)
+        out = tuple(dataclasses.replace(x, exact_cost=x.name != "vo") for x in out)
+    if "heads" in g and not g & {"qk", "vo"}:
+        # heads alone: a head's cost is exact, the base is the model without any head.
+        out = tuple(dataclasses.replace(x, exact_cost=True) for x in out)
+    return MaskSpec(out, float(base_params), float(base_macs))
+
+
+def vit_cost(config: ViTConfig, layers: Sequence[LayerDims]) -> tuple[int, int]:
+    """(params, MACs per example) of a ViT with the given per-layer dims, counted from the shapes."""
+    c = config
+    d, n, p = c.width, c.num_tokens, c.patch_size
+    n_patches = (c.image_size // p) ** 2
+    n_pos = c.posemb_grid**2 + int(c.posemb_cls and c.cls_token)
+    params = p * p * 3 * d + int(c.patch_bias) * d + n_pos * d + int(c.cls_token) * d
+    params += 2 * d if c.ln_pre else 0
+    macs = n_patches * p * p * 3 * d
+    block_params, block_macs = blocks_cost(d, n, layers, c.layerscale)
+    params, macs = params + block_params, macs + block_macs
     feat = 2 * d if c.pool == "cls+gap" else d
     params += 2 * d  # encoder_norm
     if c.num_classes:
@@ -80,35 +123,10 @@ class ViTAdapter:
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
         c = self.config
-        d, h, hd, n = c.width, c.num_heads, c.head_dim, c.num_tokens
-        entries = {
-            "qk": (hd, 2 * h * (d + 1), n * (2 * h * d + n * h), True),
-            "vo": (hd, h * (2 * d + 1), n * (2 * h * d + n * h), True),
-            "mlp": (c.mlp_dim, 2 * d + 1, n * 2 * d, True),
-            "heads": (h, hd * (2 * (d + 1) + 2 * d + 1), n * (4 * hd * d + 2 * n * hd), False),
-        }
-        groups = tuple(
-            MaskGroup(g, c.depth, entries[g][0], entries[g][1], entries[g][2], entries[g][3])
-            for g in self.groups
+        cost = lambda layers: vit_cost(c, layers)
+        return encoder_mask_spec(
+            self.groups, c.depth, c.width, c.num_heads, c.head_dim, c.mlp_dim, c.num_tokens, cost
         )
-        g = set(self.groups)
-        base_layer = LayerDims(
-            0 if "heads" in g else h,
-            0 if "qk" in g else hd,
-            0 if "vo" in g else hd,
-            0 if "mlp" in g else c.mlp_dim,
-        )
-        base_params, base_macs = vit_cost(c, [base_layer] * c.depth)
-        if "vo" in g and not g & {"qk", "heads"}:
-            # W_q, W_k are not a group but live only while a value dim does: count them in the base, so
-            # the declared cost is an upper bound (exact whenever no layer loses all of its vo entries).
-            base_params += c.depth * 2 * h * hd * (d + 1)
-            base_macs += c.depth * n * (2 * h * d * hd + n * h * hd)
-            groups = tuple(dataclasses.replace(x, exact_cost=x.name != "vo") for x in groups)
-        if "heads" in self.groups and not ({"qk", "vo"} & set(self.groups)):
-            # heads alone: a head's cost is exact, the base is the model without any head.
-            groups = tuple(dataclasses.replace(g, exact_cost=True) for g in groups)
-        return MaskSpec(groups, float(base_params), float(base_macs))
 
     def dense_spec(self) -> ArchSpec:
         return self._arch_spec(self.config.dense_layers())
