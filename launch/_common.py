@@ -185,6 +185,37 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     app.run(wrapped, flags_parser=parse_flags)
 
 
+_DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def define_distributed_flags() -> None:
+    """--distributed and the three flags that place this process in a multi-process run."""
+    flags.DEFINE_bool(
+        "distributed", False,
+        "Run as one of several processes (jax.distributed): on a TPU pod, in a SLURM job or under Open MPI "
+        "JAX reads the rest from the cluster; elsewhere give the three flags below (they imply it).",
+    )  # fmt: skip
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, reachable from every process.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the run (all hosts together).")
+    flags.DEFINE_integer("process_id", None, "This process's id, 0 .. num_processes - 1.")
+
+
+def start_distributed() -> None:
+    """Start jax.distributed when the flags ask for it; call before anything touches the devices."""
+    given = [n for n in _DISTRIBUTED_ARGS if FLAGS[n].value is not None]
+    if not FLAGS.distributed:
+        if not given:
+            return
+        if FLAGS["distributed"].present:
+            raise ConfigError(
+                f"--nodistributed contradicts --{given[0]}; drop --nodistributed to run as one of several "
+                "processes, or drop the process flags"
+            )
+    from spp_jax import distributed
+
+    distributed.initialize(*(FLAGS[n].value for n in _DISTRIBUTED_ARGS))
+
+
 def load_run_config(workdir: str):
     """The config a workdir was made with (config.json), validated; an SPPError names what is wrong."""
     import ml_collections

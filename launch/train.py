@@ -9,13 +9,19 @@ causal_lm).
 Rerunning with the same --workdir resumes (finished stages are skipped, the search continues from its
 latest state, bit for bit). SIGTERM (preemption) or Ctrl-C stop the search at the end of the current step
 with a resume state saved. A changed search setting needs --fresh_search (the old search moves to
-WORKDIR/discarded/). Multi-host (TPU pod / multi-node GPU): run the same command on every host with
---distributed, which calls jax.distributed.initialize() before anything touches the devices.
+WORKDIR/discarded/).
+
+Several processes (TPU pod, multi-node GPU, several CPU processes): run the same command in every process
+with --distributed; JAX reads the process count and id from a TPU pod, a SLURM job or Open MPI, elsewhere
+give them (README.md, "Many processes, pods and clusters"):
+
+  python launch/train.py --config configs/vit.py --workdir /shared/vit_fmnist \
+      --coordinator_address=10.0.0.2:8476 --num_processes=2 --process_id=0   # and --process_id=1
 """
 
 from pathlib import Path
 
-from _common import FLAGS, run_main
+from _common import FLAGS, define_distributed_flags, run_main, start_distributed
 from absl import flags
 from ml_collections import config_flags
 
@@ -30,16 +36,13 @@ _UNTIL = flags.DEFINE_enum(
     "until", "finetune", ["dense", "search", "extract", "finetune"],
     "Last stage to run (finetune = the whole run: fine-tune, evaluate, report).",
 )  # fmt: skip
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     del argv
-    import jax
-
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    start_distributed()  # before anything touches the devices
     from spp_jax.run_config import validate_config
 
     validate_config(_CONFIG.value)  # before the heavy imports of spp_jax.run: a bad value fails in ~1 s

@@ -10,6 +10,11 @@ Crash safety: orbax writes each step to a temporary directory and renames it whe
 kill leaves either the previous points or the new one, never a half-written point; leftover temporary
 directories are removed when a store opens. Every array save carries a SHA-256 of its arrays in its JSON
 record (`checksum`), checked on every read, so garbage that still parses is reported, not used.
+
+Several processes (jax.distributed) make every save, delete and restore call together, as orbax requires:
+orbax writes each array and JSON item once (replicated ones from process 0) and commits a step after a
+barrier; the JSON files of `save_model` and the cleanup of temporary directories are process 0's, and the
+others wait for it, so every process sees the same finished checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spp_jax import distributed
 from spp_jax.adapters import adapter_from_spec
 from spp_jax.errors import CheckpointMismatch, SPPError
 from spp_jax.progress import log
@@ -62,18 +68,26 @@ _TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still b
 
 
 def _remove_unfinished(directory: Path) -> None:
-    """Delete temporary step directories a killed save left behind (one writer per store)."""
+    """Delete temporary step directories a killed save left behind (process 0 deletes, all wait for it)."""
     if jax.process_index() == 0 and directory.is_dir():
         for p in directory.iterdir():
             if _TMP_MARK in p.name and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+    distributed.barrier("spp_jax:store_opened")
 
 
-def _manager(directory: Path, max_to_keep: int | None, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(
+    directory: Path, max_to_keep: int | None, read_only: bool = False, name: str = "store"
+) -> ocp.CheckpointManager:
     if not read_only:
         _remove_unfinished(directory)
     # Readers never create, clean or delete (orbax's own read_only mode logs a warning per store).
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
+    # `name` keeps the cross-process barriers of stores that save at the same time apart (orbax's keys
+    # are per manager only with a prefix: two unprefixed managers saving together fail a barrier).
+    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"spp_jax_{name}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, multiprocessing_options=multiprocessing
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -83,7 +97,8 @@ class _Store:
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None, read_only: bool):
         self.directory = Path(directory)
         absent = read_only and not self.directory.is_dir()
-        self._mngr = None if absent else _manager(self.directory, max_to_keep, read_only)
+        name = type(self).__name__
+        self._mngr = None if absent else _manager(self.directory, max_to_keep, read_only, name)
 
     def steps(self) -> list[int]:
         if self._mngr is None:
@@ -232,13 +247,18 @@ class ResumeStore(_Store):
 def save_model(directory: str | os.PathLike, params: Any, arch_spec: Mapping[str, Any], **meta: Any) -> None:
     """Store a model as `params/` (orbax) + `arch_spec.json` (+ `meta.json`); the spec rebuilds it."""
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "arch_spec.json").unlink(missing_ok=True)  # incomplete until rewritten below
+    primary = jax.process_index() == 0  # with several processes: every one saves (orbax), one writes JSON
+    if primary:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "arch_spec.json").unlink(missing_ok=True)  # incomplete until rewritten below
+    distributed.barrier("spp_jax:save_model")
     params = jax.tree.map(np.asarray, params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
-    write_json_atomic(directory / "meta.json", {**meta, "checksum": tree_checksum(params)})
-    write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
+    if primary:
+        write_json_atomic(directory / "meta.json", {**meta, "checksum": tree_checksum(params)})
+        write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
+    distributed.barrier("spp_jax:model_saved")  # every process sees the finished model
 
 
 def is_complete_model(directory: str | os.PathLike, **expected: Any) -> bool:

@@ -13,13 +13,18 @@ A second signal while a deferred stop is pending raises at once (a user pressing
 
 With several processes (`jax.distributed`), the signal reaches the hosts at different times, so the
 decision must be collective: `stop_requested(step)` then asks JAX's preemption sync point, which agrees
-on one step for all hosts, and no Python handler replaces the one JAX's coordination service installs.
+on one step for all hosts, and no Python handler replaces the SIGTERM handler JAX's coordination service
+installs (a SIGTERM to any one process stops them all after the same step). SIGINT (Ctrl-C in one
+process's terminal) is turned into that SIGTERM, so it too stops every process with a resume state; a
+second SIGINT stops this process at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -31,6 +36,7 @@ from spp_jax.progress import log
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _pending: int | None = None  # signal recorded inside deferred()
 _deferring = False
+_forwarded = False  # several processes: a SIGINT was handed to JAX's preemption sync
 
 
 def stopped(signum: int, step: int | None = None) -> Preempted:
@@ -50,14 +56,33 @@ def _handler(signum: int, frame) -> None:
     raise stopped(signum)
 
 
+def _sigint_to_preemption(signum: int, frame) -> None:
+    """Several processes: a first SIGINT becomes JAX's preemption notice (SIGTERM), a second one stops."""
+    global _forwarded
+    del frame
+    if _forwarded:
+        raise stopped(signum)
+    _forwarded = True
+    print(  # this process's terminal, whichever process it is
+        "[run] SIGINT: stopping every process after the same step, with a resume state (again: at once)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """Install the handlers for the duration of a run (main thread, single process only; else no-op)."""
-    global _pending
-    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    """Install the handlers for the duration of a run (main thread only; else no-op). With several
+    processes only SIGINT's, which hands the stop to JAX's preemption sync (module docstring)."""
+    global _pending, _forwarded
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, _handler) for s in _SIGNALS}
+    _forwarded = False
+    several = jax.process_count() > 1
+    handlers = {signal.SIGINT: _sigint_to_preemption} if several else dict.fromkeys(_SIGNALS, _handler)
+    old = {s: signal.signal(s, h) for s, h in handlers.items()}
     _pending = None
     try:
         yield

@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from spp_jax import checkpoint
+from spp_jax import checkpoint, distributed
 from spp_jax.errors import CheckpointMismatch, ConfigError
 from spp_jax.progress import MetricWriter, log
 
@@ -103,8 +103,13 @@ class Workdir:
 
         A changed search setting (`SEARCH_KEYS`) is taken when the old search has no progress yet (e.g.
         it stopped on a NaN loss at its first steps), or with `fresh_search`, which first moves the old
-        search and everything derived from it to `discarded/<time>/`.
+        search and everything derived from it to `discarded/<time>/`. With several processes, process 0
+        writes and moves, and every process returns once it has.
         """
+        self._check_fingerprint(fingerprint, fresh_search)
+        distributed.barrier("spp_jax:workdir_checked")
+
+    def _check_fingerprint(self, fingerprint: dict, fresh_search: bool) -> None:
         f = self.path / "run.json"
         if not f.exists():
             if jax.process_index() == 0:

@@ -2,12 +2,15 @@
 
 Pipeline (grain ``MapDataset`` API, one process's view)::
 
-    source -> equal disjoint shard [i::n] -> seed -> shuffle -> repeat -> (random_)map (bilinear
-    resize, optional crop/flip; uint8) -> to_iter_dataset [-> mp_prefetch] -> batch
+    source -> seed -> shuffle -> repeat -> (random_)map (bilinear resize, optional crop/flip; uint8)
+    -> this process's rows of every global batch -> to_iter_dataset [-> mp_prefetch] -> batch
     -> normalise (float32, gray->RGB)
 
-Each element is a pure function of (seed, shard, position), so an iterator's ``get_state()``
-(``{"next_index": int}``, elements consumed) is all that is needed to resume exactly.
+The global stream (order and augmentation) depends on the seed alone: process ``i`` of ``n`` reads rows
+``[i*b, (i+1)*b)`` of each global batch of ``n*b`` and nothing else, so the global batches are the same
+for any process count and a run can resume on another one. Each element is a pure function of (seed,
+position), so an iterator's ``get_state()`` (``{"next_index": int}``, elements this process consumed) is
+all that is needed to resume exactly.
 """
 
 from __future__ import annotations
@@ -233,6 +236,48 @@ def loader_process(
     return index, count
 
 
+class _ProcessRows:
+    """Row ``j`` of one process's stream -> the global element it is (a picklable grain map function)."""
+
+    def __init__(self, ds: grain.MapDataset, index: int, count: int, batch_size: int, full: int, tail: int):
+        self.ds, self.index, self.count = ds, index, count
+        self.b, self.full, self.tail = batch_size, full, tail
+
+    def __call__(self, j: int) -> Any:
+        q, t = divmod(int(j), self.b)
+        if q < self.full:  # row t of this process's share of global batch q
+            return self.ds[(q * self.count + self.index) * self.b + t]
+        t = int(j) - self.full * self.b  # the last, partial global batch: an equal share each
+        return self.ds[self.full * self.count * self.b + self.index * self.tail + t]
+
+
+def process_rows(
+    ds: grain.MapDataset, index: int, count: int, batch_size: int, drop_remainder: bool = True
+) -> grain.MapDataset:
+    """This process's rows of every global batch of ``ds``: rows ``[index*b, (index+1)*b)`` of each batch
+    of ``count*b`` (``b = batch_size``), so the processes' batches concatenated in process order are the
+    global batch one process would read. A last, partial global batch of ``r`` rows (``drop_remainder``
+    False) gives each process ``r // count`` of them. Returns ``ds`` itself for one process."""
+    if count == 1:
+        return ds
+    full, rest = divmod(len(ds), count * batch_size)
+    tail = 0 if drop_remainder else rest // count
+    rows = _ProcessRows(ds, index, count, batch_size, full, tail)
+    return grain.MapDataset.range(full * batch_size + tail).map(rows)
+
+
+def check_batches(
+    n: int, num_epochs: int | None, global_batch_size: int, count: int, drop_remainder: bool, what: str
+) -> None:
+    """Refuse a loader that yields no batch (or, over several processes, not a row for each)."""
+    total = n * (num_epochs or 1)
+    if n == 0 or (drop_remainder and total < global_batch_size) or total < count:
+        over = f" over {count} processes" if count > 1 else ""
+        raise ConfigError(
+            f"{n} {what}{over} give no batch of {global_batch_size}; use a smaller batch or a bigger split"
+        )
+
+
 def make_loader(
     source: Source,
     *,
@@ -254,8 +299,9 @@ def make_loader(
 ) -> grain.DatasetIterator:
     """Returns a deterministic, checkpointable grain iterator of this process's batches.
 
-    Each process reads its own disjoint, equal-sized shard (``source[i::n]`` after dropping
-    ``len % n`` trailing examples) in batches of ``global_batch_size // process_count``.
+    Process ``i`` of ``n`` reads rows ``[i*b, (i+1)*b)`` of every global batch (``b =
+    global_batch_size // n``, ``process_rows``): its share of the data, disjoint from the others', and
+    the global batches (order, augmentation) are the same for any ``n``.
     ``train`` shuffles (differently each epoch); ``augment`` adds a random-resized-crop-lite
     (area 0.6-1, ratio 3/4-4/3) and a horizontal flip, seeded by ``seed`` and the element index.
     ``num_epochs=None`` repeats forever. Batches: ``image`` float32 [b, s, s, 3] normalised by
@@ -267,19 +313,15 @@ def make_loader(
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
     batch_size = global_batch_size // count
-    shard_len = len(source) // count
-    if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):
-        raise ConfigError(
-            f"{len(source)} examples over {count} processes give no batch of {batch_size}; "
-            "use a smaller batch or a bigger split"
-        )
+    check_batches(len(source), num_epochs, global_batch_size, count, drop_remainder, "examples")
     norm = functools.partial(_normalize, mean=_stats(mean, "mean"), std=_stats(std, "std"))
     prepare = functools.partial(_prepare, image_size=image_size, image_key=image_key, label_key=label_key)
-    ds = grain.MapDataset.source(source)[: shard_len * count][index::count].seed(seed)
+    ds = grain.MapDataset.source(source).seed(seed)
     if train:
         ds = ds.shuffle()
     ds = ds.repeat(num_epochs)
     ds = ds.random_map(prepare) if augment else ds.map(functools.partial(prepare, rng=None))
+    ds = process_rows(ds, index, count, batch_size, drop_remainder)
     it_ds = ds.to_iter_dataset(read_options)
     if worker_count > 0:
         _allow_unparsed_absl_flags()

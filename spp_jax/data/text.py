@@ -3,13 +3,14 @@ tokenised texts with their attention masks and labels (text classification).
 
 Pipeline (grain ``MapDataset`` API, one process's view)::
 
-    source -> equal disjoint shard [i::n] -> seed -> shuffle -> repeat -> int32 tokens
+    source -> seed -> shuffle -> repeat -> int32 tokens -> this process's rows of every global batch
     -> to_iter_dataset [-> mp_prefetch] -> batch
 
-Same conventions as ``spp_jax.data.pipeline`` (``make_loader``/``iterate_eval``): each element is a
-pure function of (seed, shard, position), so ``loader_state``/``restore_loader_state`` resume
-exactly. Sources are the random-access block sources of ``spp_jax.data.books.books_source`` (or
-any sequence of dicts with an int [block_len] ``tokens`` entry).
+Same conventions as ``spp_jax.data.pipeline`` (``make_loader``/``iterate_eval``): the global
+batches are the same for any process count, and each element is a pure function of (seed, position),
+so ``loader_state``/``restore_loader_state`` resume exactly. Sources are the random-access block
+sources of ``spp_jax.data.books.books_source`` (or any sequence of dicts with an int [block_len]
+``tokens`` entry).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import grain
 import numpy as np
 
 from spp_jax.data.books import TOKENS_KEY
-from spp_jax.data.pipeline import Batch, Source, _allow_unparsed_absl_flags, _process, loader_process
+from spp_jax.data.pipeline import (
+    Batch,
+    Source,
+    _allow_unparsed_absl_flags,
+    _process,
+    check_batches,
+    loader_process,
+    process_rows,
+)
 from spp_jax.errors import ConfigError
 
 
@@ -83,24 +92,20 @@ def make_record_loader(
 ) -> grain.DatasetIterator:
     """Returns a deterministic, checkpointable grain iterator of batched ``convert(example)`` dicts.
 
-    Each process reads its own disjoint, equal-sized shard (``source[i::n]`` after dropping
-    ``len % n`` trailing blocks) in batches of ``b = global_batch_size // process_count``.
+    Process ``i`` of ``n`` reads rows ``[i*b, (i+1)*b)`` of every global batch (``b =
+    global_batch_size // n``; ``spp_jax.data.pipeline.process_rows``), so the global batches are the
+    same for any ``n``.
     ``shuffle`` reshuffles every epoch from ``seed``; ``num_epochs=None`` repeats forever.
     ``worker_count > 0`` reads in that many processes (same batches). Save/restore with
     ``spp_jax.data.loader_state``/``restore_loader_state``.
     """
     index, count = loader_process(global_batch_size, seed, num_epochs, process_index, process_count)
     batch_size = global_batch_size // count
-    shard_len = len(source) // count
-    if shard_len == 0 or (drop_remainder and shard_len * (num_epochs or 1) < batch_size):
-        raise ConfigError(
-            f"{len(source)} records over {count} processes give no batch of {batch_size}; "
-            "use a smaller batch or a bigger split"
-        )
-    ds = grain.MapDataset.source(source)[: shard_len * count][index::count].seed(seed)
+    check_batches(len(source), num_epochs, global_batch_size, count, drop_remainder, "records")
+    ds = grain.MapDataset.source(source).seed(seed)
     if shuffle:
         ds = ds.shuffle()
-    ds = ds.repeat(num_epochs).map(convert)
+    ds = process_rows(ds.repeat(num_epochs).map(convert), index, count, batch_size, drop_remainder)
     it_ds = ds.to_iter_dataset(read_options)
     if worker_count > 0:
         _allow_unparsed_absl_flags()

@@ -109,18 +109,29 @@ class Classification(TaskDefaults):
         return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
 
     def features(self, ctx: RunContext, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
-        """Frozen backbone features (the architecture's head-less module) and labels of every example."""
+        """Frozen backbone features (the architecture's head-less module) and labels of every example, in
+        source order; with several processes each computes its shard and every process gets them all (so
+        all fit the same probe)."""
         feat_model = ctx.arch.feature_module(ctx.adapter)
         fwd = jax.jit(lambda p, *x: feat_model.apply({"params": p}, *x))
         backbone = {k: v for k, v in params.items() if k != "head"}
-        feats, labels = [], []
+        feats, labels, keep = [], [], []
         prog = Progress("features", math.ceil(len(src) / self.cfg.eval.batch_size))
         for i, b in enumerate(self.eval_batches(src)):
-            keep = b["mask"] > 0
-            feats.append(np.asarray(fwd(backbone, *self.inputs(b)))[keep])
-            labels.append(b["label"][keep])
+            feats.append(np.asarray(fwd(backbone, *self.inputs(b))))
+            labels.append(np.asarray(b["label"]))
+            keep.append(np.asarray(b["mask"]) > 0)
             prog.update(i + 1)
-        return np.concatenate(feats), np.concatenate(labels)
+        x, y, k = (np.concatenate(a) for a in (feats, labels, keep))
+        if jax.process_count() > 1:  # process i's row j is example i + j * count (data.iterate_eval)
+            from jax.experimental import multihost_utils
+
+            x, y, k = (
+                np.asarray(a).swapaxes(0, 1).reshape(-1, *a.shape[2:])
+                for a in multihost_utils.process_allgather((x, y, k.astype(np.int32)))
+            )
+            k = k > 0
+        return x[k], y[k]
 
 
 def measure_throughput(fn, params, units: int, repeats: int = 5) -> float:
