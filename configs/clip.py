@@ -101,6 +101,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.throughput_batch = 64
     c.eval.retrieval_images = 1000
 
+    c.mesh = ml_collections.ConfigDict()
+    # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
+    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    c.mesh.fsdp = 1
+
     for preset in (arg or "").split(","):
         if preset == "quick":
             c.data.train_split, c.data.eval_split = "train[:2048]", "test[:512]"

@@ -93,6 +93,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.decode_prompt = 16
     c.eval.decode_tokens = 32
 
+    c.mesh = ml_collections.ConfigDict()
+    # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
+    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    c.mesh.fsdp = 1
+
     for preset in (arg or "").split(","):
         if preset == "quick":
             c.search.steps, c.search.path_every, c.search.resume_every = 20, 5, 10

@@ -123,6 +123,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.throughput_batch = 64
 
+    c.mesh = ml_collections.ConfigDict()
+    # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
+    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    c.mesh.fsdp = 1
+
     for preset in (arg or "").split(","):
         if preset == "quick":
             c.data.train_split, c.data.eval_split = "train[:2048]", "test[:512]"

@@ -132,6 +132,24 @@ def _unreadable(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
 
 
+def _targets(directory: Path, sharding: Any = None) -> Any:
+    """Abstract restore targets for the array tree saved in `directory`: shapes and dtypes from its
+    metadata, placed by `sharding` (a Sharding, or `shape -> Sharding`; None = one local device).
+
+    Orbax restores a target-less jax array onto the devices that saved it and refuses another topology;
+    with these targets a tree saved on 8 devices restores on 1, or on a mesh sharded another way."""
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    place = sharding if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding) else None
+    tree = ocp.StandardCheckpointHandler().metadata(directory).tree
+    is_leaf = lambda m: hasattr(m, "shape") and hasattr(m, "dtype")
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=place(m.shape) if place else sharding),
+        tree,
+        is_leaf=is_leaf,
+    )
+
+
 class PathStore(_Store):
     """Path points: `save(step, arrays, record)`, `steps()`, `record(step)`, `arrays(step)`."""
 
@@ -162,10 +180,12 @@ class PathStore(_Store):
         return dict(rec)
 
     def arrays(self, step: int) -> dict[str, Any]:
-        """Gamma, Z, M, t_in, steps in support at `step`, verified against the record's checksum."""
+        """Gamma, Z, M, t_in, steps in support at `step` (host arrays), verified against the record's
+        checksum. Restored with explicit targets: a point saved on any topology reads back on this one."""
         rec = self.record(step)
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            targets = _targets(self.directory.absolute() / str(step) / "state")
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(targets)))
         except Exception as e:  # orbax raises many types for missing/corrupt files
             raise self._corrupt(step, f"arrays unreadable: {_unreadable(e)}") from None
         arrays = jax.tree.map(np.asarray, dict(out["state"]))
@@ -273,8 +293,12 @@ def is_complete_model(directory: str | os.PathLike, **expected: Any) -> bool:
     return isinstance(meta, dict) and all(meta.get(k) == v for k, v in expected.items())
 
 
-def load_pruned(directory: str | os.PathLike):
+def load_pruned(directory: str | os.PathLike, sharding: Any = None):
     """Load a saved (pruned or dense) model: returns (flax module, params, arch_spec).
+
+    `sharding` None gives host (numpy) params; a `jax.sharding.Sharding`, or a `shape -> Sharding` such as
+    `spp_jax.sharding.leaf_sharding(mesh)`, restores each array straight onto those devices (jax arrays),
+    whatever topology saved the model.
 
     Example:
         module, params, spec = spp_jax.load_pruned("workdir/extracted/params_0.5")
@@ -303,13 +327,14 @@ def load_pruned(directory: str | os.PathLike):
         ) from None
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(directory / "params")
+            params = ckptr.restore(directory / "params", _targets(directory / "params", sharding))
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise CheckpointMismatch(
             f"{directory / 'params'} cannot be read ({_unreadable(e)}), the save is corrupt or incomplete; "
             f"{redo}"
         ) from None
-    params = jax.tree.map(np.asarray, params)
+    if sharding is None:
+        params = jax.tree.map(np.asarray, params)
     got = sum(int(np.size(v)) for v in jax.tree.leaves(params))
     if got != expected:
         raise CheckpointMismatch(

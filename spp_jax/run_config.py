@@ -75,6 +75,7 @@ _RULES: dict[str, Rule] = {
     "finetune.distill_alpha": unit,
     "finetune.distill_temp": positive,
     "eval.batch_size": positive_int,
+    "mesh.fsdp": positive_int,
 }
 
 
@@ -153,6 +154,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             f"search.batch_size={s.batch_size}; use 0 (per example) or such a divisor"
         )
     n = jax.device_count()
+    if n % cfg.mesh.fsdp:
+        raise ConfigError(f"mesh.fsdp={cfg.mesh.fsdp} does not divide the {n} devices; use a divisor of {n}")
     for name in ("search", "finetune"):
         b = cfg[name].batch_size
         if b % n:

@@ -25,16 +25,23 @@ def finetune_params(
     cfg, task = ctx.cfg, ctx.task
     f = cfg.finetune
     tx = finetune.adamw_cosine(lr, steps, min(f.warmup, steps // 2), f.weight_decay)
-    mesh = sharding.make_mesh()
+    # weights, AdamW moments and the teacher sharded over fsdp (replicated when mesh.fsdp is 1)
+    mesh = sharding.run_mesh(cfg)
     rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    t_apply, t_params = (teacher[0].apply, sharding.replicate(teacher[1], mesh)) if teacher else (None, None)
+    t_apply, t_params, t_sh = None, None, rep
+    if teacher:
+        t_apply, t_params = teacher[0].apply, sharding.place_params(teacher[1], mesh)
+        t_sh = sharding.fsdp_shardings(t_params, mesh)
+    init = lambda p: finetune.init_train_state(p, tx, cfg.seed)
+    state_sh = sharding.fsdp_shardings(jax.eval_shape(init, params), mesh)
     step_fn = jax.jit(
         finetune.make_train_step(module.apply, tx, t_apply, f.distill_alpha, f.distill_temp, task),
-        in_shardings=(rep, data_sh, rep),
-        out_shardings=(rep, rep),
+        in_shardings=(state_sh, data_sh, t_sh),
+        out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
-    state = sharding.replicate(finetune.init_train_state(params, tx, cfg.seed), mesh)
+    # built on the mesh in its final layout: no device ever holds the whole state
+    state = jax.jit(init, out_shardings=state_sh)(sharding.place_params(params, mesh))
     augment = f.get("augment", False) if augment is None else augment
     loader = task.train_loader(train_src, f.batch_size, cfg.seed + 1, augment=augment)
     prog = Progress(stage, steps)
@@ -57,7 +64,9 @@ def finetune_model(
     steps = cfg.finetune.steps if steps is None else steps
     if steps < 1:
         raise ConfigError(f"fine-tuning steps={steps} is not allowed; use an integer >= 1")
-    module, params, arch = checkpoint.load_pruned(model_dir)
+    # restored straight onto the run's mesh in the fsdp layout, whatever topology saved it
+    mesh = sharding.run_mesh(cfg)
+    module, params, arch = checkpoint.load_pruned(model_dir, sharding=sharding.leaf_sharding(mesh))
     name = model_dir.name
     out = wd.path / "finetuned" / name
     meta = {"finetuned_from": wd.rel(model_dir), "steps": steps}
@@ -74,7 +83,9 @@ def finetune_model(
 
 def evaluate_model(ctx: RunContext, model_dir: Path, value: float | None = None) -> dict:
     """The task's metric on the eval split (unless already known) and the measured throughput."""
-    module, params, _ = checkpoint.load_pruned(model_dir)
+    mesh = sharding.run_mesh(ctx.cfg)  # with mesh.fsdp > 1 the weights stay sharded, as in fine-tuning
+    placed = sharding.leaf_sharding(mesh) if mesh.shape[sharding.FSDP_AXIS] > 1 else None
+    module, params, _ = checkpoint.load_pruned(model_dir, sharding=placed)
     task = ctx.task
     if value is None:
         step = jax.jit(finetune.make_eval_step(module.apply, task))

@@ -55,8 +55,9 @@ def stage_search(ctx: RunContext, wd: Workdir, params: dict) -> dict:
     spec = adapter.mask_spec()
     tx = make_mask_tx(cfg)
     module = adapter.module()
-    mesh = sharding.make_mesh()
+    mesh = sharding.run_mesh(cfg)  # masks + SPP state replicated, weights sharded over fsdp, batch over all
     rep, data_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    params_sh = sharding.fsdp_shardings(params, mesh)
     step_fn = jax.jit(
         search.make_search_step(
             module.apply,
@@ -66,19 +67,20 @@ def stage_search(ctx: RunContext, wd: Workdir, params: dict) -> dict:
             curvature=s.mode == "curvature",
             curvature_chunks=s.get("curvature_chunks") or None,
         ),
-        in_shardings=(rep, rep, data_sh),
+        in_shardings=(rep, params_sh, data_sh),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(finetune.make_eval_step(module.apply, task))
     point_batches = list(task.eval_batches(ctx.eval_src, s.eval_examples)) if s.eval_points else []
 
-    params = sharding.replicate(params, mesh)
+    params = jax.device_put(params, params_sh)
     state = sharding.replicate(search.init_search_state(spec, tx), mesh)
     loader = task.train_loader(ctx.search_src, s.batch_size, cfg.seed, augment=False)
     paths = checkpoint.PathStore(wd.path / "search" / "path")
     resume = checkpoint.ResumeStore(wd.path / "search" / "resume")
     last_percent, start = -1, 0
+    # restored onto this run's mesh, whatever mesh saved it (a search may resume on another topology)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
     restored = resume.restore_latest(abstract)
     if restored is not None:
