@@ -108,17 +108,21 @@ class Classification(TaskDefaults):
         x, y = self.features(ctx, params, ctx.train_src)
         return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
 
-    def features(self, ctx: RunContext, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
-        """Frozen backbone features (the architecture's head-less module) and labels of every example, in
-        source order; with several processes each computes its shard and every process gets them all (so
-        all fit the same probe)."""
-        feat_model = ctx.arch.feature_module(ctx.adapter)
+    def features(
+        self, ctx: RunContext, params: dict, src, feat_model=None, inputs=None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen backbone features and labels of every example, in source order; with several processes
+        each computes its shard and every process gets them all (so all fit the same probe). The backbone
+        is the architecture's head-less module reading `self.inputs(batch)`, unless `feat_model` and
+        `inputs(batch)` say otherwise."""
+        feat_model = ctx.arch.feature_module(ctx.adapter) if feat_model is None else feat_model
+        inputs = self.inputs if inputs is None else inputs
         fwd = jax.jit(lambda p, *x: feat_model.apply({"params": p}, *x))
         backbone = {k: v for k, v in params.items() if k != "head"}
         feats, labels, keep = [], [], []
         prog = Progress("features", math.ceil(len(src) / self.cfg.eval.batch_size))
         for i, b in enumerate(self.eval_batches(src)):
-            feats.append(np.asarray(fwd(backbone, *self.inputs(b))))
+            feats.append(np.asarray(fwd(backbone, *inputs(b))))
             labels.append(np.asarray(b["label"]))
             keep.append(np.asarray(b["mask"]) > 0)
             prog.update(i + 1)

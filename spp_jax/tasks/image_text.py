@@ -27,7 +27,6 @@ on the train split); `dense.finetune_steps` > 0 then trains every weight.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +36,6 @@ import numpy as np
 import optax
 
 from spp_jax.config_rules import Rule, boolean, nonneg, positive, positive_int
-from spp_jax.progress import Progress
 from spp_jax.tasks.base import Batch
 from spp_jax.tasks.image_classification import ImageClassification, measure_throughput
 
@@ -212,27 +210,15 @@ class ImageText(ImageClassification):
         """LiT: frozen pretrained towers, projections + temperature fitted on cached features (module
         docstring)."""
         from spp_jax.models.bert import BertEncoder
+        from spp_jax.models.vit import VisionTransformer
 
         config = ctx.adapter.config
-        img_feats, labels = self._image_features(config.image, params["image"], ctx.train_src)
+        img_feats, labels = self.features(
+            ctx, params["image"], ctx.train_src, VisionTransformer(config.image), lambda b: (b["image"],)
+        )
         ids, mask = self.caption_tokens("train")
         txt_feats = np.asarray(BertEncoder(config.text).apply({"params": params["text"]}, ids, mask))
         return fit_projections(self.cfg, params, img_feats, labels, txt_feats, self._text_labels("train"))
-
-    def _image_features(self, config, params: dict, src) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled features of the dense image tower (`config`, its `params`) and labels of `src`."""
-        from spp_jax.models.vit import VisionTransformer
-
-        tower = VisionTransformer(config)
-        fwd = jax.jit(lambda p, x: tower.apply({"params": p}, x))
-        feats, labels = [], []
-        prog = Progress("image features", math.ceil(len(src) / self.cfg.eval.batch_size))
-        for i, b in enumerate(self.eval_batches(src)):
-            keep = b["mask"] > 0
-            feats.append(np.asarray(fwd(params, b["image"]))[keep])
-            labels.append(np.asarray(b["label"])[keep])
-            prog.update(i + 1)
-        return np.concatenate(feats), np.concatenate(labels)
 
 
 def fit_projections(
