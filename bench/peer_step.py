@@ -1,0 +1,514 @@
+"""spp_jax's SPP search step against a PyTorch restatement of the reference code's step, one process.
+
+    python bench/peer_step.py [--tokens 17,65] [--batch 64] [--steps 5] [--llm_batch 1] [--llm_seq 256] \
+        [--out bench/results/peer_step.json]
+
+The PyTorch side restates the reference search step (docs/algorithm.md §3.2, the official form):
+  * ViT: timm-style pre-LN blocks (fused qkv Linear, GELU MLP, exact erf GELU, LayerNorm eps 1e-6, class
+    token, linear head). Masks as in spp_jax/models/vit.py: qk [depth, head_dim] scales q and k (one entry
+    per head dim, shared across heads), vo [depth, head_dim] scales v, mlp [depth, mlp_dim] scales fc1's
+    output before the GELU. Attention is `F.scaled_dot_product_attention` (timm's default, "sdpa") or the
+    explicit softmax(q k^T) v ("explicit"); both are timed and the faster is the table's torch column.
+  * Llama (SmolLM2-135M shape): RMSNorm, grouped-query causal attention with rotate-half RoPE, SwiGLU MLP,
+    tied LM head; qk [depth, head_dim / 2] scales q and k dims j and j + head_dim / 2 (one RoPE pair) after
+    RoPE, vo scales v, mlp scales silu(gate) * up, as in spp_jax/models/llama.py.
+  * The step: loss.backward() with EVERY weight requires_grad=True (as in the reference script: torch forms
+    weight gradients that nothing uses), AdamW (weight decay 0, eps 1e-4) on the mask parameters only, then
+    Z += lr / (1 - b1^t) * (M - Gamma), Gamma = max(Z - lam, 0) (lam 3) under no_grad.
+The spp_jax side is built as bench/search_step.py builds it: `make_search_step` (official and curvature
+forms) and the full fine-tuning step (grads w.r.t. every weight, AdamW), jitted. Both sides use the same
+random weights (spp_jax's init with a random head, copied into torch), the same batch, float32, and their
+default thread counts.
+Each step is compiled and warmed up first; then the kinds are timed round-robin (step i of every kind before
+step i + 1 of any), so outside load falls on all of them alike; medians of --steps calls.
+
+`--check` compares the torch loss and mask gradients, and the masks, Z and Gamma after three steps, with
+spp_jax's on a tiny config (tests/test_peer_step.py runs the same check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import optax
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from search_step import build
+
+from spp_jax.finetune import init_train_state, make_train_step
+from spp_jax.models.llama import rope_inv_freq
+from spp_jax.search import init_search_state, make_search_step
+from spp_jax.spp import spp
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch restatement
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, np.float32))
+
+
+class TorchViTBlock(nn.Module):
+    def __init__(self, d: int, h: int, mlp: int, eps: float, attn: str):
+        super().__init__()
+        self.h, self.hd, self.attn = h, d // h, attn
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, mlp), nn.Linear(mlp, d)
+
+    def forward(self, x, qk, vo, mlp):
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.h, self.hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, hd]
+        q, k, v = q * qk, k * qk, v * vo
+        if self.attn == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.hd**-0.5)
+        else:
+            o = ((q * self.hd**-0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)) * mlp))
+
+
+class TorchViT(nn.Module):
+    """The spp_jax ViT of `config` (class token, cls pooling, no LayerScale, no position resampling)."""
+
+    def __init__(self, config, attn: str = "sdpa"):
+        super().__init__()
+        c = self.config = config
+        grid = c.image_size // c.patch_size
+        assert c.pool == "cls" and c.cls_token and c.posemb_cls and not c.layerscale and not c.ln_pre
+        assert (
+            c.posemb_grid == grid and c.activation is None and not c.gelu_approximate and c.mlp_mask_pre_act
+        )
+        d = c.width
+        self.patch = nn.Conv2d(3, d, c.patch_size, c.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.zeros(1, grid * grid + 1, d))
+        self.blocks = nn.ModuleList(
+            TorchViTBlock(d, c.num_heads, c.mlp_dim, c.ln_eps, attn) for _ in range(c.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=c.ln_eps)
+        self.head = nn.Linear(d, c.num_classes)
+        self.masks = nn.ParameterDict(
+            {
+                "qk": torch.ones(c.depth, c.head_dim),
+                "vo": torch.ones(c.depth, c.head_dim),
+                "mlp": torch.ones(c.depth, c.mlp_dim),
+            }
+        )
+
+    def forward(self, images):  # images [B, 3, H, W]
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos[:, 1:]
+        cls = (self.cls + self.pos[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], 1)
+        m = self.masks
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, m["qk"][i], m["vo"][i], m["mlp"][i])
+        return self.head(self.norm(x)[:, 0])
+
+    @torch.no_grad()
+    def load(self, params) -> TorchViT:
+        """Copy spp_jax VisionTransformer params (flax layout) in."""
+        c = self.config
+        d = c.width
+        self.patch.weight.copy_(_t(params["embedding"]["kernel"]).permute(3, 2, 0, 1))
+        self.patch.bias.copy_(_t(params["embedding"]["bias"]))
+        self.cls.copy_(_t(params["cls"]))
+        self.pos.copy_(_t(params["pos_embedding"]))
+        for i, blk in enumerate(self.blocks):
+            p = params[f"encoderblock_{i}"]
+            a = p["attn"]
+            for ln, name in ((blk.norm1, "ln1"), (blk.norm2, "ln2")):
+                ln.weight.copy_(_t(p[name]["scale"]))
+                ln.bias.copy_(_t(p[name]["bias"]))
+            blk.qkv.weight.copy_(
+                torch.cat([_t(a[n]["kernel"]).reshape(d, d).T for n in ("query", "key", "value")])
+            )
+            blk.qkv.bias.copy_(torch.cat([_t(a[n]["bias"]).reshape(d) for n in ("query", "key", "value")]))
+            blk.proj.weight.copy_(_t(a["out"]["kernel"]).reshape(d, d).T)
+            blk.proj.bias.copy_(_t(a["out"]["bias"]))
+            for lin, name in ((blk.fc1, "fc1"), (blk.fc2, "fc2")):
+                lin.weight.copy_(_t(p["mlp"][name]["kernel"]).T)
+                lin.bias.copy_(_t(p["mlp"][name]["bias"]))
+        self.norm.weight.copy_(_t(params["encoder_norm"]["scale"]))
+        self.norm.bias.copy_(_t(params["encoder_norm"]["bias"]))
+        self.head.weight.copy_(_t(params["head"]["kernel"]).T)
+        self.head.bias.copy_(_t(params["head"]["bias"]))
+        return self
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+
+
+class TorchLlamaBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hd = c.width, c.head_dim
+        self.c = c
+        self.attn_norm, self.mlp_norm = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.q = nn.Linear(d, c.num_heads * hd, bias=False)
+        self.k = nn.Linear(d, c.num_kv_heads * hd, bias=False)
+        self.v = nn.Linear(d, c.num_kv_heads * hd, bias=False)
+        self.o = nn.Linear(c.num_heads * hd, d, bias=False)
+        self.gate = nn.Linear(d, c.mlp_dim, bias=False)
+        self.up = nn.Linear(d, c.mlp_dim, bias=False)
+        self.down = nn.Linear(c.mlp_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, qk, vo, mlp):
+        c = self.c
+        b, t, _ = x.shape
+        p = c.head_dim // 2
+        y = rms_norm(x, self.attn_norm, c.rms_eps)
+        q = self.q(y).view(b, t, c.num_heads, c.head_dim)
+        k = self.k(y).view(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v(y).view(b, t, c.num_kv_heads, c.head_dim) * vo
+
+        def rope(z):  # rotate-half: dim i pairs with dim i + p
+            z1, z2 = z[..., :p], z[..., p:]
+            return torch.cat([z1 * cos - z2 * sin, z2 * cos + z1 * sin], -1)
+
+        mqk = torch.cat([qk, qk])
+        q, k = rope(q) * mqk, rope(k) * mqk
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
+            scale=c.head_dim**-0.5,
+        )  # fmt: skip
+        x = x + self.o(o.transpose(1, 2).reshape(b, t, -1))
+        y = rms_norm(x, self.mlp_norm, c.rms_eps)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y) * mlp)
+
+
+class TorchLlama(nn.Module):
+    """The spp_jax Llama of `config` (tied embeddings), masks qk / vo / mlp."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        assert c.tie_embeddings
+        self.embed = nn.Embedding(c.vocab_size, c.width)
+        self.blocks = nn.ModuleList(TorchLlamaBlock(c) for _ in range(c.depth))
+        self.final_norm = nn.Parameter(torch.ones(c.width))
+        self.masks = nn.ParameterDict(
+            {
+                "qk": torch.ones(c.depth, c.head_dim // 2),
+                "vo": torch.ones(c.depth, c.head_dim),
+                "mlp": torch.ones(c.depth, c.mlp_dim),
+            }
+        )
+
+    def forward(self, tokens):
+        c = self.config
+        inv_freq = torch.from_numpy(rope_inv_freq(range(c.head_dim // 2), c.head_dim, c.rope_theta))
+        angle = torch.arange(tokens.shape[1], dtype=torch.float32)[:, None] * inv_freq[None, :]
+        cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+        x = self.embed(tokens)
+        m = self.masks
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, m["qk"][i], m["vo"][i], m["mlp"][i])
+        return rms_norm(x, self.final_norm, c.rms_eps) @ self.embed.weight.T
+
+    @torch.no_grad()
+    def load(self, params) -> TorchLlama:
+        c = self.config
+        self.embed.weight.copy_(_t(params["embed"]["embedding"]))
+        self.final_norm.copy_(_t(params["final_norm"]["scale"]))
+        for i, blk in enumerate(self.blocks):
+            p = params[f"block_{i}"]
+            blk.attn_norm.copy_(_t(p["attn_norm"]["scale"]))
+            blk.mlp_norm.copy_(_t(p["mlp_norm"]["scale"]))
+            for lin, name in ((blk.q, "query"), (blk.k, "key"), (blk.v, "value")):
+                lin.weight.copy_(_t(p["attn"][name]["kernel"]).reshape(c.width, -1).T)
+            blk.o.weight.copy_(_t(p["attn"]["out"]["kernel"]).reshape(-1, c.width).T)
+            for lin, name in ((blk.gate, "gate"), (blk.up, "up"), (blk.down, "down")):
+                lin.weight.copy_(_t(p["mlp"][name]["kernel"]).T)
+        return self
+
+
+class TorchOfficialStep:
+    """The reference search step: backward through everything, AdamW on the masks, then Z / Gamma."""
+
+    def __init__(self, model: nn.Module, lr=1e-3, lam=3.0, b1=0.9, b2=0.999, eps=1e-4):
+        self.model, self.lr, self.lam, self.b1 = model, lr, lam, b1
+        for p in model.parameters():
+            p.requires_grad_(True)  # as the reference: weights too, though only the masks are stepped
+        self.masks = dict(model.masks.items())
+        self.opt = torch.optim.AdamW(
+            list(self.masks.values()), lr=lr, betas=(b1, b2), eps=eps, weight_decay=0.0
+        )
+        self.z = {k: torch.zeros_like(m) for k, m in self.masks.items()}
+        self.gamma = {k: torch.zeros_like(m) for k, m in self.masks.items()}
+        self.t = 0
+
+    def loss(self, batch) -> torch.Tensor:
+        if isinstance(self.model, TorchViT):
+            return F.cross_entropy(self.model(batch["image"]), batch["label"])
+        tokens = batch["tokens"]
+        logits = self.model(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def __call__(self, batch) -> torch.Tensor:
+        self.model.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        self.opt.step()
+        self.t += 1
+        s = self.lr / (1.0 - self.b1**self.t)
+        with torch.no_grad():
+            for k, m in self.masks.items():
+                self.z[k].add_(m - self.gamma[k], alpha=s)
+                self.gamma[k].copy_((self.z[k] - self.lam).clamp_(min=0.0))
+        return loss.detach()
+
+
+def torch_batch(batch) -> dict[str, torch.Tensor]:
+    if "image" in batch:
+        return {
+            "image": _t(batch["image"]).permute(0, 3, 1, 2).contiguous(),
+            "label": torch.from_numpy(np.asarray(batch["label"]).astype(np.int64)),
+        }
+    return {"tokens": torch.from_numpy(np.asarray(batch["tokens"]).astype(np.int64))}
+
+
+def torch_model(a, adapter, params, attn: str = "sdpa") -> nn.Module:
+    if a.arch == "vit":
+        return TorchViT(adapter.config, attn).load(params)
+    return TorchLlama(adapter.config).load(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup and timing
+
+
+def setup(arch: str, variant: str, batch: int, image_size: int = 64, seq: int = 256, seed: int = 0,
+          num_classes: int = 1000):  # fmt: skip
+    """(namespace, adapter, task, params, batch) as bench/search_step.py builds them, with a random head
+    (the zero-initialised head would give zero mask gradients)."""
+    a = SimpleNamespace(
+        arch=arch, variant=variant, batch=batch, image_size=image_size, seq=seq, seed=seed,
+        num_classes=num_classes, groups="qk,vo,mlp",
+    )  # fmt: skip
+    adapter, task, params, data = build(a)
+    if arch == "vit":
+        head = params["head"]
+        k = jax.random.key(seed + 7)
+        params = {**params, "head": {**head, "kernel": 0.02 * jax.random.normal(k, head["kernel"].shape)}}
+    return a, adapter, task, params, data
+
+
+def interleaved(runs: dict, steps: int) -> dict:
+    """Time every `runs[name]()` (one step, blocking) `steps` times, round-robin: step i of every kind runs
+    before step i + 1 of any, so load from outside the process falls on all kinds alike. Median / min."""
+    times = {k: [] for k in runs}
+    for _ in range(steps):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    return {
+        k: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "times_ms": [1e3 * x for x in t]}
+        for k, t in times.items()
+    }
+
+
+def jax_runner(fn, args) -> tuple[Callable[[], None], float]:
+    """(run, compile seconds): `run()` calls the compiled `fn` once, feeding its state output back."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    args = list(args)
+
+    def run():
+        args[0] = jax.block_until_ready(compiled(*args))[0]
+
+    run()  # warm-up
+    return run, compile_s
+
+
+def measure(arch, variant, batch, steps, image_size=64, seq=256, attns=("sdpa", "explicit"),
+            finetune=True) -> dict:  # fmt: skip
+    """Torch reference steps (per attention form) and spp_jax's official / curvature search and fine-tune
+    steps on one model and batch, each compiled / warmed up, then timed round-robin (`interleaved`)."""
+    a, adapter, task, params, data = setup(arch, variant, batch, image_size, seq)
+    spec = adapter.mask_spec()
+    out = {"arch": arch, "variant": variant, "batch": batch}
+    if arch == "vit":
+        out["image_size"], out["tokens"] = image_size, adapter.config.num_tokens
+    else:
+        out["seq"] = seq
+    tb = torch_batch(data)
+    runs, compile_s = {}, {}
+    for attn in attns if arch == "vit" else ("sdpa",):
+        tstep = TorchOfficialStep(torch_model(a, adapter, params, attn))
+        runs[f"torch/{attn}"] = lambda tstep=tstep: tstep(tb)
+        for _ in range(2):  # warm-up
+            tstep(tb)
+    for mode in ("official", "curvature"):
+        tx = spp(mode)
+        step = make_search_step(adapter.module().apply, spec, tx, task=task, curvature=mode == "curvature")
+        runs[mode], compile_s[mode] = jax_runner(step, (init_search_state(spec, tx), params, data))
+    if finetune:
+        tx = optax.adamw(1e-4, weight_decay=0.05)
+        train_step = make_train_step(adapter.module().apply, tx, task=task)
+        runs["finetune"], compile_s["finetune"] = jax_runner(train_step, (init_train_state(params, tx), data))
+    timed = interleaved(runs, steps)
+    out["torch"] = {k.split("/")[1]: v for k, v in timed.items() if k.startswith("torch/")}
+    out["torch_best"] = min(out["torch"], key=lambda k: out["torch"][k]["median_ms"])
+    out["torch_ms"] = out["torch"][out["torch_best"]]["median_ms"]
+    for k, s in compile_s.items():
+        out[k] = {**timed[k], "compile_s": s}
+    for mode in ("official", "curvature"):
+        out[mode]["torch_over_jax"] = out["torch_ms"] / out[mode]["median_ms"]
+        if finetune:
+            out[mode]["search_over_finetune"] = out[mode]["median_ms"] / out["finetune"]["median_ms"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness check (tests/test_peer_step.py)
+
+
+def check(arch: str = "vit", steps: int = 3, lr: float = 0.05, lam: float = 0.9, atol: float = 2e-5,
+          state_atol: float = 5e-5) -> dict[str, float]:  # fmt: skip
+    """Tiny config ("mu"), equal weights and inputs: torch and spp_jax loss, mask gradients and, after
+    `steps` official steps at `lr` and `lam` (so that Gamma leaves 0), masks, Z and Gamma. Returns the max abs
+    differences; raises AssertionError beyond `atol` (loss, gradients: relative to the largest entry) or
+    `state_atol` (M, Z, Gamma: Adam's g / (sqrt(v) + eps) turns float32 rounding in the small gradients
+    into step differences up to lr / eps times larger)."""
+    a = SimpleNamespace(arch=arch, variant="mu", batch=2, image_size=16, seq=12, seed=0, num_classes=5)
+    rng = np.random.default_rng(0)
+    if arch == "vit":
+        from spp_jax.adapters import ViTAdapter
+        from spp_jax.models.vit import vit_config
+        from spp_jax.tasks.image_classification import ImageClassification
+
+        adapter, task = ViTAdapter(vit_config("mu", image_size=16, num_classes=5)), ImageClassification()
+        data = {"image": rng.normal(size=(2, 16, 16, 3)).astype(np.float32), "label": np.array([1, 3])}
+        example = data["image"][:1]
+    else:
+        from spp_jax.adapters.llama import LlamaAdapter
+        from spp_jax.models.llama import llama_config
+        from spp_jax.tasks.causal_lm import CausalLM
+
+        adapter, task = LlamaAdapter(llama_config("mu")), CausalLM()
+        data = {"tokens": rng.integers(0, adapter.config.vocab_size, (2, 13)).astype(np.int32)}
+        example = data["tokens"][:1, :8]
+    params = jax.jit(adapter.module().init)(jax.random.key(0), example)["params"]
+    # perturb every leaf: zero-init biases and head, unit norm scales would hide mapping bugs
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    spec = adapter.mask_spec()
+    masks = spec.init_masks()
+    # non-trivial masks for the gradient comparison
+    masks = {k: (0.5 + rng.random(m.shape)).astype(np.float32) for k, m in masks.items()}
+    from spp_jax.tasks import model_loss
+
+    apply = adapter.module().apply
+    (loss_j, _), grads_j = jax.jit(
+        jax.value_and_grad(
+            lambda m: model_loss(apply, task, params, data, masks=m, train=False), has_aux=True
+        )
+    )(masks)
+    tstep = TorchOfficialStep(torch_model(a, adapter, params, "explicit"), lr=lr)
+    tb = torch_batch(data)
+    with torch.no_grad():
+        for k, m in tstep.masks.items():
+            m.copy_(_t(masks[k]))
+    loss_t = tstep.loss(tb)
+    loss_t.backward()
+    diffs = {"loss": abs(float(loss_t.detach()) - float(loss_j))}
+    for k in masks:
+        gj, gt = np.asarray(grads_j[k]), tstep.masks[k].grad.numpy()
+        diffs[f"grad/{k}"] = float(np.abs(gj - gt).max() / max(np.abs(gj).max(), 1e-12))
+    # the official dynamics from M = 1 on both sides
+    tx = spp("official", learning_rate=lr, lam=lam)
+    state = init_search_state(spec, tx)
+    jstep = jax.jit(make_search_step(apply, spec, tx, task=task))
+    tstep = TorchOfficialStep(torch_model(a, adapter, params, "sdpa"), lr=lr, lam=lam)
+    for _ in range(steps):
+        state, _ = jstep(state, params, data)
+        tstep(tb)
+    for name, j, t in (("M", state.masks, tstep.masks), ("Z", state.opt_state.z, tstep.z),
+                       ("Gamma", state.opt_state.gamma, tstep.gamma)):  # fmt: skip
+        for k in masks:
+            jj, tt = np.asarray(j[k]), t[k].detach().numpy()
+            diffs[f"{name}/{k}"] = float(np.abs(jj - tt).max() / max(np.abs(jj).max(), 1.0))
+    diffs["gamma_nonzero_frac"] = float(
+        np.mean([np.mean(np.asarray(g) > 0) for g in state.opt_state.gamma.values()])
+    )
+    tol = lambda k: atol if k == "loss" or k.startswith("grad/") else state_atol
+    bad = {k: v for k, v in diffs.items() if k != "gamma_nonzero_frac" and not v <= tol(k)}
+    assert not bad, f"torch restatement differs from spp_jax: {bad}"
+    return diffs
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default="S/16")
+    ap.add_argument("--tokens", default="17,65", help="ViT token counts (1 + (image/16)^2), comma separated")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--llm_variant", default="smollm2-135m")
+    ap.add_argument("--llm_seq", type=int, default=256)
+    ap.add_argument("--llm_batch", type=int, default=1, help="0 = skip the LLM row")
+    ap.add_argument("--llm_finetune", type=int, default=1, help="also time the LLM fine-tune step")
+    ap.add_argument("--check", action="store_true", help="only the correctness check (tiny config)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.check:
+        for arch in ("vit", "llama"):
+            print(arch, json.dumps(check(arch), indent=1))
+        return
+
+    rows = []
+    for n in (int(t) for t in a.tokens.split(",")):
+        grid = math.isqrt(n - 1)
+        assert grid * grid == n - 1, f"{n} tokens is not 1 + a square"
+        rows.append(measure("vit", a.variant, a.batch, a.steps, image_size=16 * grid))
+    if a.llm_batch:
+        rows.append(measure("llama", a.llm_variant, a.llm_batch, a.steps, seq=a.llm_seq,
+                            finetune=bool(a.llm_finetune)))  # fmt: skip
+
+    print(f"device {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32")  # fmt: skip
+    print("| model | tokens | batch | torch ms | spp_jax form | spp_jax search ms | ratio (torch / spp_jax) "
+          "| spp_jax fine-tune ms | search / fine-tune |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"ViT-{r['variant']}" if r["arch"] == "vit" else r["variant"]
+        n = r.get("tokens", r.get("seq"))
+        ft = r.get("finetune", {}).get("median_ms")
+        for mode in ("official", "curvature"):
+            m = r[mode]
+            sf = m.get("search_over_finetune")
+            ft_s = "-" if ft is None else f"{ft:.0f}"
+            sf_s = "-" if sf is None else f"{sf:.2f}"
+            print(f"| {name} | {n} | {r['batch']} | {r['torch_ms']:.0f} ({r['torch_best']}) | {mode} | "
+                  f"{m['median_ms']:.0f} | {m['torch_over_jax']:.2f} | {ft_s} | {sf_s} |")  # fmt: skip
+    if a.out:
+        meta = {
+            "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "steps": a.steps,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }  # fmt: skip
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
