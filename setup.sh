@@ -8,11 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-# Fashion-MNIST (Debian package: IDX files under /usr/share/datasets/fashion-mnist).
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Fashion-MNIST (Debian package: IDX files under /usr/share/datasets/fashion-mnist) and tcmalloc, which the
+# launch scripts run under (spp_jax/allocator.py: without it XLA:CPU's step buffers page-fault afresh at every
+# step; the scripts also run without it).
+DEBS=""
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || DEBS="$DEBS dataset-fashion-mnist"
+ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal || DEBS="$DEBS libtcmalloc-minimal4"
+if [ -n "$DEBS" ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq dataset-fashion-mnist
+  $SUDO apt-get install -y -qq $DEBS
 fi
 
 # Book texts for the decoder LM (King James Bible, Jane Austen's six novels): three Debian packages

@@ -16,11 +16,15 @@ The PyTorch side restates the reference search step (docs/algorithm.md §3.2, th
     weight gradients that nothing uses), AdamW (weight decay 0, eps 1e-4) on the mask parameters only, then
     Z += lr / (1 - b1^t) * (M - Gamma), Gamma = max(Z - lam, 0) (lam 3) under no_grad.
 The spp_jax side is built as bench/search_step.py builds it: `make_search_step` (official and curvature
-forms) and the full fine-tuning step (grads w.r.t. every weight, AdamW), jitted. Both sides use the same
-random weights (spp_jax's init with a random head, copied into torch), the same batch, float32, and their
-default thread counts.
+forms) and the full fine-tuning step (grads w.r.t. every weight, AdamW), jitted with the compiler options
+spp_jax's stages use (spp_jax/compile_options.py). Both sides use the same random weights (spp_jax's init
+with a random head, copied into torch), the same batch, float32, and their default thread counts. Each torch
+step runs in a child process of its own (in one process the step after a torch step ran ~40% slower), and
+both processes run under tcmalloc as the launch scripts do (spp_jax/allocator.py; SPP_JAX_TCMALLOC=0 and
+SPP_JAX_CPU_OPTIONS=0 measure glibc's malloc and XLA's default options instead).
 Each step is compiled and warmed up first; then the kinds are timed round-robin (step i of every kind before
-step i + 1 of any), so outside load falls on all of them alike; medians of --steps calls.
+step i + 1 of any, each round starting at another kind), so outside load falls on all of them alike;
+medians of --steps calls.
 
 `--check` compares the torch loss and mask gradients, and the masks, Z and Gamma after three steps, with
 spp_jax's on a tiny config (tests/test_peer_step.py runs the same check).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -48,6 +53,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from search_step import build
 
+from spp_jax.allocator import use_tcmalloc
+from spp_jax.compile_options import step_compiler_options
 from spp_jax.finetune import init_train_state, make_train_step
 from spp_jax.models.llama import rope_inv_freq
 from spp_jax.search import init_search_state, make_search_step
@@ -309,15 +316,20 @@ def setup(arch: str, variant: str, batch: int, image_size: int = 64, seq: int = 
     return a, adapter, task, params, data
 
 
-def interleaved(runs: dict, steps: int) -> dict:
+def interleaved(runs: dict, steps: int, pause: float = 0.2) -> dict:
     """Time every `runs[name]()` (one step, blocking) `steps` times, round-robin: step i of every kind runs
-    before step i + 1 of any, so load from outside the process falls on all kinds alike. Median / min."""
-    times = {k: [] for k in runs}
-    for _ in range(steps):
-        for k, run in runs.items():
+    before step i + 1 of any, so load from outside the process falls on all kinds alike; round i starts at
+    kind i (mod the number of kinds), so no kind always runs right after the same other one. A run that
+    returns a float (a step in another process) is timed by it. `pause` seconds before each step let the
+    previous step's idle worker threads go to sleep. Median / min."""
+    times, kinds = {k: [] for k in runs}, list(runs)
+    for i in range(steps):
+        for k in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
+            run = runs[k]
+            time.sleep(pause)
             t0 = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t0)
+            r = run()
+            times[k].append(r if isinstance(r, float) else time.perf_counter() - t0)
     return {
         k: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "times_ms": [1e3 * x for x in t]}
         for k, t in times.items()
@@ -325,9 +337,10 @@ def interleaved(runs: dict, steps: int) -> dict:
 
 
 def jax_runner(fn, args) -> tuple[Callable[[], None], float]:
-    """(run, compile seconds): `run()` calls the compiled `fn` once, feeding its state output back."""
+    """(run, compile seconds): `run()` calls `fn` compiled as spp_jax's stages compile their steps (with
+    `step_compiler_options()`) once, feeding its state output back."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=step_compiler_options()).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     args = list(args)
 
@@ -336,6 +349,40 @@ def jax_runner(fn, args) -> tuple[Callable[[], None], float]:
 
     run()  # warm-up
     return run, compile_s
+
+
+def _torch_worker(conn, setup_args: tuple, attn: str) -> None:
+    """Child process: build the torch step from the same setup, then time one step per "step" message."""
+    a, adapter, _, params, data = setup(*setup_args)
+    tstep, tb = TorchOfficialStep(torch_model(a, adapter, params, attn)), torch_batch(data)
+    for _ in range(2):  # warm-up
+        tstep(tb)
+    conn.send(torch.get_num_threads())
+    while conn.recv() == "step":
+        t0 = time.perf_counter()
+        tstep(tb)
+        conn.send(time.perf_counter() - t0)
+
+
+class TorchProcess:
+    """A torch step in its own process. In one process with the jitted steps, the step timed right after a
+    torch step ran ~40% slower (ViT-S/16, 65 tokens: 7.6 s against 5.4 s), so each side keeps its threads
+    and allocator to itself; the parent only ever waits while the other side runs."""
+
+    def __init__(self, setup_args: tuple, attn: str):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker, args=(child, setup_args, attn), daemon=True)
+        self.proc.start()
+        self.threads = self.conn.recv()
+
+    def __call__(self) -> float:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join()
 
 
 def measure(arch, variant, batch, steps, image_size=64, seq=256, attns=("sdpa", "explicit"),
@@ -349,13 +396,11 @@ def measure(arch, variant, batch, steps, image_size=64, seq=256, attns=("sdpa", 
         out["image_size"], out["tokens"] = image_size, adapter.config.num_tokens
     else:
         out["seq"] = seq
-    tb = torch_batch(data)
-    runs, compile_s = {}, {}
+    runs, compile_s, workers = {}, {}, []
     for attn in attns if arch == "vit" else ("sdpa",):
-        tstep = TorchOfficialStep(torch_model(a, adapter, params, attn))
-        runs[f"torch/{attn}"] = lambda tstep=tstep: tstep(tb)
-        for _ in range(2):  # warm-up
-            tstep(tb)
+        workers.append(TorchProcess((arch, variant, batch, image_size, seq), attn))
+        runs[f"torch/{attn}"] = workers[-1]
+        out["torch_threads"] = workers[-1].threads
     for mode in ("official", "curvature"):
         tx = spp(mode)
         step = make_search_step(adapter.module().apply, spec, tx, task=task, curvature=mode == "curvature")
@@ -365,6 +410,8 @@ def measure(arch, variant, batch, steps, image_size=64, seq=256, attns=("sdpa", 
         train_step = make_train_step(adapter.module().apply, tx, task=task)
         runs["finetune"], compile_s["finetune"] = jax_runner(train_step, (init_train_state(params, tx), data))
     timed = interleaved(runs, steps)
+    for w in workers:
+        w.close()
     out["torch"] = {k.split("/")[1]: v for k, v in timed.items() if k.startswith("torch/")}
     out["torch_best"] = min(out["torch"], key=lambda k: out["torch"][k]["median_ms"])
     out["torch_ms"] = out["torch"][out["torch_best"]]["median_ms"]
@@ -470,6 +517,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="only the correctness check (tiny config)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    use_tcmalloc()  # as the launch scripts run (spp_jax/allocator.py); the torch side inherits it
     if a.check:
         for arch in ("vit", "llama"):
             print(arch, json.dumps(check(arch), indent=1))
@@ -505,6 +553,8 @@ def main() -> None:
             "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "steps": a.steps,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compiler_options": step_compiler_options(),
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),
         }  # fmt: skip
         with open(a.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)

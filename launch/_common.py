@@ -39,9 +39,13 @@ def _stopped_early(signum: int, frame) -> None:
 for _sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(_sig, _stopped_early)
 
-from absl import app, flags, logging  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from spp_jax.allocator import use_tcmalloc  # noqa: E402
+
+use_tcmalloc()  # once, before anything is loaded: re-run this command under tcmalloc (spp_jax/allocator.py)
+
+from absl import app, flags, logging  # noqa: E402
 
 from spp_jax.errors import ConfigError, Preempted, SPPError  # noqa: E402
 
