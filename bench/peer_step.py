@@ -16,12 +16,11 @@ The PyTorch side restates the reference search step (docs/algorithm.md §3.2, th
     weight gradients that nothing uses), AdamW (weight decay 0, eps 1e-4) on the mask parameters only, then
     Z += lr / (1 - b1^t) * (M - Gamma), Gamma = max(Z - lam, 0) (lam 3) under no_grad.
 The spp_jax side is built as bench/search_step.py builds it: `make_search_step` (official and curvature
-forms) and the full fine-tuning step (grads w.r.t. every weight, AdamW), jitted with the compiler options
-spp_jax's stages use (spp_jax/compile_options.py). Both sides use the same random weights (spp_jax's init
-with a random head, copied into torch), the same batch, float32, and their default thread counts. Each torch
-step runs in a child process of its own (in one process the step after a torch step ran ~40% slower), and
-both processes run under tcmalloc as the launch scripts do (spp_jax/allocator.py; SPP_JAX_TCMALLOC=0 and
-SPP_JAX_CPU_OPTIONS=0 measure glibc's malloc and XLA's default options instead).
+forms) and the full fine-tuning step (grads w.r.t. every weight, AdamW), jitted. Both sides use the same
+random weights (spp_jax's init with a random head, copied into torch), the same batch, float32, and their
+default thread counts. Each torch step runs in a child process of its own (in one process the step after a
+torch step ran ~40% slower), and both processes run under tcmalloc as the launch scripts do
+(spp_jax/allocator.py; SPP_JAX_TCMALLOC=0 measures glibc's malloc instead).
 Each step is compiled and warmed up first; then the kinds are timed round-robin (step i of every kind before
 step i + 1 of any, each round starting at another kind), so outside load falls on all of them alike;
 medians of --steps calls.
@@ -54,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from search_step import build
 
 from spp_jax.allocator import use_tcmalloc
-from spp_jax.compile_options import step_compiler_options
 from spp_jax.finetune import init_train_state, make_train_step
 from spp_jax.models.llama import rope_inv_freq
 from spp_jax.search import init_search_state, make_search_step
@@ -337,10 +335,9 @@ def interleaved(runs: dict, steps: int, pause: float = 0.2) -> dict:
 
 
 def jax_runner(fn, args) -> tuple[Callable[[], None], float]:
-    """(run, compile seconds): `run()` calls `fn` compiled as spp_jax's stages compile their steps (with
-    `step_compiler_options()`) once, feeding its state output back."""
+    """(run, compile seconds): `run()` calls the compiled `fn` once, feeding its state output back."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, compiler_options=step_compiler_options()).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     args = list(args)
 
@@ -553,7 +550,6 @@ def main() -> None:
             "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "steps": a.steps,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "compiler_options": step_compiler_options(),
             "ld_preload": os.environ.get("LD_PRELOAD", ""),
         }  # fmt: skip
         with open(a.out, "w") as f:

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import optax
 
 from spp_jax.allocator import use_tcmalloc
-from spp_jax.compile_options import step_compiler_options
 from spp_jax.finetune import init_train_state, make_train_step
 from spp_jax.search import init_search_state, make_search_step
 from spp_jax.spp import spp
@@ -38,7 +37,7 @@ from spp_jax.spp import spp
 def time_compiled(fn, args, steps: int, carry: int) -> dict:
     """Compile `fn(*args)`, warm up once, then time `steps` calls; outputs[:carry] feed the next call."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, compiler_options=step_compiler_options()).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     args = list(args)
     out = jax.block_until_ready(compiled(*args))  # warm-up

@@ -5,8 +5,8 @@ batch 64) with malloc and frees it at the step's end. glibc serves such large bl
 kernel zero-fills the step's whole working set again at every step: ~680,000 minor page faults and ~2 s of
 system time per 65-token ViT-S/16 search step on a 2-core CPU. tcmalloc keeps freed memory for reuse; with
 TCMALLOC_RELEASE_RATE=0 (never hand it back to the OS, so the process's resident size stays at its peak) the
-same step faults no page at all and runs ~25% faster (bench/README.md, "CPU: allocator and compiler
-options").
+same step faults no page at all; the 65-token search and fine-tuning steps ran ~1/3 faster
+(bench/README.md, the peer benchmark section).
 
 An allocator can only be chosen before the process starts, so `use_tcmalloc()` re-executes the current
 command once with LD_PRELOAD set, when the library is installed (Debian/Ubuntu: libtcmalloc-minimal4, which

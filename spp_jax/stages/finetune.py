@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from spp_jax import checkpoint, finetune, sharding
-from spp_jax.compile_options import step_compiler_options
 from spp_jax.errors import ConfigError, NonFiniteLoss
 from spp_jax.progress import Progress, log
 from spp_jax.stages.context import RunContext
@@ -40,7 +39,6 @@ def finetune_params(
         in_shardings=(state_sh, data_sh, t_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
-        compiler_options=step_compiler_options(),
     )
     # built on the mesh in its final layout: no device ever holds the whole state
     state = jax.jit(init, out_shardings=state_sh)(sharding.place_params(params, mesh))

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from spp_jax import checkpoint, data, finetune, preemption, search, sharding
-from spp_jax.compile_options import step_compiler_options
 from spp_jax.errors import NonFiniteLoss
 from spp_jax.progress import Progress, log
 from spp_jax.run_config import make_mask_tx
@@ -71,7 +70,6 @@ def stage_search(ctx: RunContext, wd: Workdir, params: dict) -> dict:
         in_shardings=(rep, params_sh, data_sh),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
-        compiler_options=step_compiler_options(),
     )
     eval_step = jax.jit(finetune.make_eval_step(module.apply, task))
     point_batches = list(task.eval_batches(ctx.eval_src, s.eval_examples)) if s.eval_points else []
