@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.init = "smollm2"  # smollm2 | hf | random
     c.model.init_path = ""  # GGUF file (smollm2; "" = the installed package) or HF directory (hf)
     c.model.groups = ("qk", "vo", "mlp")  # add "kv_heads" for whole KV-group pruning
+    # Compute dtype: float32 | bfloat16 (mixed precision: parameters, masks and SPP state stay float32).
+    # attention: xla | cudnn (the fused attention kernel; a GPU and bfloat16 only).
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "spp_books"

@@ -38,6 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pool = "cls"
     c.model.groups = ("qk", "vo", "mlp")  # add "heads" for whole-head pruning
     c.model.mlp_mask_pre_act = True  # reference code: mask before the GELU
+    # Compute dtype: float32 | bfloat16 (mixed precision: parameters, masks and SPP state stay float32).
+    # attention: xla | cudnn (the fused attention kernel; a GPU and bfloat16 only).
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "fashion_mnist"  # local tfds builder; any other name = user-prepared tfds data

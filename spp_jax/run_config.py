@@ -130,6 +130,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             value = _get(cfg, key)
             if not ok(value):
                 raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
+    if cfg.model.get("attention") == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ConfigError(
+                f"model.attention=cudnn needs a GPU and this backend is {jax.default_backend()}; "
+                "use model.attention=xla"
+            )
+        if cfg.model.get("dtype") != "bfloat16":
+            raise ConfigError("model.attention=cudnn runs in bfloat16 only; set model.dtype=bfloat16")
     try:
         make_mask_tx(cfg)
     except ConfigError as e:  # a combination the rules above do not cover (e.g. nu=inf in paper mode)

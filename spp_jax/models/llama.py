@@ -22,6 +22,13 @@ halves], so rotate-half on the 2p kept dims still pairs dim i with i + p, rotate
 frequency. A block whose attention has no value dim (or no kv head) left has no attention weights, one with
 no MLP neuron left has no MLP weights; their norms stay (the base cost counts them).
 
+Compute dtype (`LlamaConfig.dtype`, "float32" or "bfloat16"): as in spp_jax/models/vit.py, parameters and
+masks stay float32; the matmuls and the residual stream run in the compute dtype; RMSNorm, RoPE angles,
+attention logits and softmax, and the LM head's accumulation are float32. `LlamaConfig.attention = "cudnn"`
+runs causal attention without a cache as `jax.nn.dot_product_attention`'s fused cuDNN kernel (GPU,
+bfloat16) where a block's qk and v dims are equal (elsewhere, and off GPUs, the einsum path: the same
+function).
+
 KV cache (`init_cache`): {"length": int32 [], "layers": [{"k": [B, T_max, KV_i, qk_i], "v": [B, T_max,
 KV_i, v_i]} per block]}, k stored after RoPE and masks. `module.apply(v, tokens, cache=cache)` writes the
 new tokens' k/v at positions length .. length + T - 1 (the same for every row: prompts are not padded),
@@ -32,6 +39,7 @@ overrides the RoPE positions (default length + arange(T)).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import _sow_mask_input
+from spp_jax.models.vit import _sow_mask_input, check_compute, fused_attention, mask_mul
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -85,6 +93,8 @@ class LlamaConfig:
       rms_eps: RMSNorm epsilon. rope_theta: RoPE base. tie_embeddings: the LM head is embed^T.
       max_len: the longest context the model is used at (generation refuses longer).
       cost_seq_len: context length N at which MACs per token are counted (spp_jax.adapters.llama).
+      dtype: compute dtype, "float32" or "bfloat16" (module docstring); parameters stay float32.
+      attention: attention core without a cache, "xla" (einsum + softmax) or "cudnn" (fused, GPU).
     """
 
     vocab_size: int
@@ -99,8 +109,11 @@ class LlamaConfig:
     tie_embeddings: bool = True
     max_len: int = 2048
     cost_seq_len: int = 256
+    dtype: str = "float32"
+    attention: str = "xla"
 
     def __post_init__(self):
+        check_compute(self.dtype, self.attention)
         bad = [k for k in _SIZES if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
         if bad:
             raise ConfigError(f"Llama config sizes {bad} must be positive integers")
@@ -233,11 +246,12 @@ class LlamaAttention(nn.Module):
         c, d = self.config, self.dims
         b, t, _ = x.shape
         kv, g, p = d.num_kv_heads, c.group_size, len(d.rope_pairs)
-        dense = lambda feats, name: nn.DenseGeneral(feats, use_bias=False, name=name)
+        dt = jnp.dtype(c.dtype)
+        dense = lambda feats, name: nn.DenseGeneral(feats, use_bias=False, name=name, dtype=dt)
         v = dense((kv, d.v_dim), "value")(x)
         if "vo" in masks:
             _sow_mask_input(self, "vo", v)
-            v = v * masks["vo"]
+            v = mask_mul(v, masks["vo"])
         if p:
             inv_freq = rope_inv_freq(d.rope_pairs, c.head_dim, c.rope_theta)
             q = apply_rope(dense((d.num_heads, 2 * p), "query")(x), positions, inv_freq)
@@ -247,7 +261,7 @@ class LlamaAttention(nn.Module):
                 _sow_mask_input(self, "qk", pair(q))
                 _sow_mask_input(self, "qk", pair(k))
                 m = jnp.concatenate([masks["qk"], masks["qk"]])
-                q, k = q * m, k * m
+                q, k = mask_mul(q, m), mask_mul(k, m)
         else:  # every pair removed: all logits are 0, attention is uniform over the causal prefix
             q = jnp.zeros((b, t, d.num_heads, 0), v.dtype)
             k = jnp.zeros((b, t, kv, 0), v.dtype)
@@ -260,18 +274,25 @@ class LlamaAttention(nn.Module):
             keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
             values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": keys, "v": values}
-        q = q.reshape(b, t, kv, g, q.shape[-1])
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)) / math.sqrt(c.head_dim)
-        # causal; unwritten cache slots lie after every query
-        allowed = jnp.arange(keys.shape[1])[None, :] <= slots[:, None]  # [T, S]
-        logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(v.dtype))  # [B, T, KV, G, dv]
+        if c.attention == "cudnn" and cache is None and 2 * p == d.v_dim and jax.default_backend() == "gpu":
+            out = fused_attention(q, k, v, 1.0 / math.sqrt(c.head_dim), is_causal=True)
+            out = out.reshape(b, t, kv, g, d.v_dim)
+        else:
+            q = q.reshape(b, t, kv, g, q.shape[-1])
+            logits = jnp.einsum(
+                "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+            ) / math.sqrt(c.head_dim)
+            # causal; unwritten cache slots lie after every query
+            allowed = jnp.arange(keys.shape[1])[None, :] <= slots[:, None]  # [T, S]
+            logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(v.dtype))  # [B, T, KV, G, dv]
         if "kv_heads" in masks:
             _sow_mask_input(self, "kv_heads", out, axis=2)
-            out = out * masks["kv_heads"][:, None, None]
+            out = mask_mul(out, masks["kv_heads"][:, None, None])
         out = out.reshape(b, t, d.num_heads, d.v_dim)
-        return nn.DenseGeneral(c.width, axis=(-2, -1), use_bias=False, name="out")(out), cache
+        out_proj = nn.DenseGeneral(c.width, axis=(-2, -1), use_bias=False, name="out", dtype=dt)
+        return out_proj(out), cache
 
 
 class LlamaMlp(nn.Module):
@@ -279,14 +300,15 @@ class LlamaMlp(nn.Module):
 
     mlp_dim: int
     width: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None) -> Array:
-        dense = lambda feats, name: nn.Dense(feats, use_bias=False, name=name)
+        dense = lambda feats, name: nn.Dense(feats, use_bias=False, name=name, dtype=self.dtype)
         y = nn.silu(dense(self.mlp_dim, "gate")(x)) * dense(self.mlp_dim, "up")(x)
         if mask is not None:
             _sow_mask_input(self, "mlp", y)
-            y = y * mask
+            y = mask_mul(y, mask)
         return dense(self.width, "down")(y)
 
 
@@ -308,7 +330,7 @@ class LlamaBlock(nn.Module):
             x = x + y
         y = RMSNorm(c.rms_eps, name="mlp_norm")(x)
         if d.mlp_dim:
-            x = x + LlamaMlp(d.mlp_dim, c.width, name="mlp")(y, masks.get("mlp"))
+            x = x + LlamaMlp(d.mlp_dim, c.width, jnp.dtype(c.dtype), name="mlp")(y, masks.get("mlp"))
         return x, cache
 
 
@@ -342,7 +364,8 @@ class Llama(nn.Module):
         index = jnp.zeros((), jnp.int32) if cache is None else cache["length"]
         if positions is None:
             positions = index + jnp.arange(t, dtype=jnp.int32)
-        embed = nn.Embed(c.vocab_size, c.width, name="embed")
+        dt = jnp.dtype(c.dtype)
+        embed = nn.Embed(c.vocab_size, c.width, name="embed", dtype=dt)
         x = embed(tokens)
         new_layers = []
         for i, dims in enumerate(layers):
@@ -353,10 +376,11 @@ class Llama(nn.Module):
             )
             new_layers.append(layer_cache)
         x = RMSNorm(c.rms_eps, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
+        if c.tie_embeddings:  # = embed.attend(x), accumulated in float32
+            logits = jnp.dot(x, embed.embedding.T.astype(dt), preferred_element_type=jnp.float32)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
+            f32_acc = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+            logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", dtype=dt, dot_general=f32_acc)(x)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits

@@ -11,6 +11,13 @@ Masks (algorithm.md §2), each with a leading depth axis:
     heads [depth, heads]:    optional, scales each head's output
 `masks=None` and all-ones masks give the dense function exactly. The attention scale is always the
 ORIGINAL 1/sqrt(head_dim), so an extracted model equals the binary-masked dense one.
+
+Compute dtype (`ViTConfig.dtype`): "float32" (default) or "bfloat16", mixed precision as on accelerators:
+parameters, masks and their gradients stay float32; the matmuls, the activations and the residual stream
+run in bfloat16; LayerNorm statistics, the attention softmax and the output are float32.
+`ViTConfig.attention = "cudnn"` runs the attention core as `jax.nn.dot_product_attention`'s fused cuDNN
+kernel (GPU, bfloat16 only) wherever a block's qk and v dims are equal, elsewhere the einsum path (the same
+function); "xla" is always the einsum path.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class ViTConfig:
       patch_bias: the patch-embedding convolution has a bias (CLIP's has none).
       activation: the MLP activation ("gelu", "gelu_tanh", "quick_gelu", "relu"); None = GELU as
         `gelu_approximate` says. OpenAI CLIP uses "quick_gelu" = x * sigmoid(1.702 x).
+      dtype: compute dtype, "float32" or "bfloat16" (module docstring); parameters stay float32.
+      attention: attention core, "xla" (einsum + softmax) or "cudnn" (fused kernel, GPU + bfloat16).
     """
 
     width: int = 384
@@ -85,8 +94,11 @@ class ViTConfig:
     ln_pre: bool = False
     patch_bias: bool = True
     activation: str | None = None
+    dtype: str = "float32"
+    attention: str = "xla"
 
     def __post_init__(self):
+        check_compute(self.dtype, self.attention)
         acts = ("gelu", "gelu_tanh", "quick_gelu", "relu")  # MaskedMlp's activations
         if self.activation is not None and self.activation not in acts:
             raise ConfigError(
@@ -160,6 +172,56 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**kw)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def check_compute(dtype: str, attention: str) -> None:
+    """One-line ConfigErrors for a compute dtype / attention core a model cannot run."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not a compute dtype; use one of {COMPUTE_DTYPES}")
+    if attention not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention={attention!r} is not an attention core; use one of {ATTENTION_IMPLS}")
+    if attention == "cudnn" and dtype == "float32":
+        raise ConfigError("attention='cudnn' runs in bfloat16 only; set dtype='bfloat16' or attention='xla'")
+
+
+def attention_core(q: Array, k: Array, v: Array, head_dim: int, bias: Array | None = None,
+                   impl: str = "xla") -> Array:  # fmt: skip
+    """softmax(q k^T / sqrt(head_dim) + bias) v for q, k [B, T, heads, dqk] and v [B, T, heads, dv]; the
+    logits and the softmax in float32. `bias` broadcasts to [B, heads, T, T]. impl "cudnn" is
+    `fused_attention` where it runs: on a GPU, no bias, dqk == dv (elsewhere the einsum path computes the
+    same function, so a model searched on a GPU runs anywhere)."""
+    if impl == "cudnn" and bias is None and q.shape[-1] == v.shape[-1] and jax.default_backend() == "gpu":
+        return fused_attention(q, k, v, 1.0 / math.sqrt(head_dim))
+    f32 = jnp.float32
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=f32) / math.sqrt(head_dim)
+    if bias is not None:
+        logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def fused_attention(q: Array, k: Array, v: Array, scale: float, is_causal: bool = False,
+                    implementation: str = "cudnn") -> Array:  # fmt: skip
+    """`jax.nn.dot_product_attention`'s cuDNN kernel on [B, T, heads, dim] inputs (k/v may have fewer heads).
+    Its backward pass takes even lengths only, so an odd T gets one zero query row (sliced off) and one zero
+    key that the kernel's padding mask hides (`key_value_seq_lengths`): every query attends to its keys.
+    (`implementation="xla"` runs the same padding through XLA's kernel, for tests on a CPU.)"""
+    t = q.shape[1]
+    if t % 2 == 0:
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=is_causal, implementation=implementation
+        )
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), scale=scale, is_causal=is_causal, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation,
+    )  # fmt: skip
+    return out[:, :t]
+
+
 def bicubic_matrix(n_in: int, n_out: int, scale: float | None = None, a: float = -0.75) -> np.ndarray:
     """[n_out, n_in] matrix of 1-D bicubic interpolation (Keys kernel, a=-0.75), no antialiasing.
 
@@ -204,7 +266,8 @@ class Bias(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return jnp.broadcast_to(self.param("bias", nn.initializers.zeros, (self.features,)), x.shape)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return jnp.broadcast_to(bias.astype(x.dtype), x.shape)
 
 
 def _sow_mask_input(module: nn.Module, group: str, x: Array, axis: int = -1) -> None:
@@ -220,8 +283,8 @@ def mask_mul(x: Array, mask: Array) -> Array:
     """x * mask (mask [..., size] on x's trailing axis), broadcast explicitly to x's shape, so that the mask's
     cotangent sums over every leading axis of x, a size-1 one included. The per-example gradients of the
     curvature search (a vmap over batches of one) otherwise leave that axis in a [B, 1, size] reduction
-    XLA:CPU runs ~30x slower."""
-    return x * jnp.broadcast_to(mask, x.shape)
+    XLA:CPU runs ~30x slower. The product is in x's dtype (the mask's gradient comes back as float32)."""
+    return x * jnp.broadcast_to(mask.astype(x.dtype), x.shape)
 
 
 def flat_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None):
@@ -243,18 +306,23 @@ class MaskedAttention(nn.Module):
 
     `bias` (optional) is added to the attention logits, broadcastable to [B, H, Q, K]: a large negative value
     removes a key (padding, causal order). With every qk dim removed the logits are just `bias`, so the
-    uniform attention then runs over the keys it allows, as the binary-masked dense model does."""
+    uniform attention then runs over the keys it allows, as the binary-masked dense model does.
+    `dtype` is the compute dtype, `attention` the core's implementation (`attention_core`)."""
 
     dims: LayerDims
     width: int
     head_dim: int
+    dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, masks: Mapping[str, Array], bias: Array | None = None) -> Array:
         h, dqk, dv = self.dims.num_heads, self.dims.qk_dim, self.dims.v_dim
         if h * dv == 0:  # every value dim (or head) removed: the branch outputs W_o's bias only.
             return Bias(self.width, name="out")(x)
-        dense = lambda feats, name: nn.DenseGeneral(feats, name=name, dot_general=flat_dot_general)
+        dense = lambda feats, name: nn.DenseGeneral(
+            feats, name=name, dot_general=flat_dot_general, dtype=self.dtype
+        )
         v = dense((h, dv), "value")(x)
         if "vo" in masks:
             _sow_mask_input(self, "vo", v)
@@ -266,21 +334,20 @@ class MaskedAttention(nn.Module):
                 _sow_mask_input(self, "qk", q)
                 _sow_mask_input(self, "qk", k)
                 q, k = mask_mul(q, masks["qk"]), mask_mul(k, masks["qk"])
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
-            if bias is not None:
-                logits = logits + bias
-            weights = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            out = attention_core(q, k, v, self.head_dim, bias, self.attention)
         elif bias is not None:  # all qk dims removed: logits are `bias` alone.
             b, n = x.shape[0], x.shape[-2]
-            weights = jax.nn.softmax(jnp.broadcast_to(bias, (b, h, n, n)), axis=-1)
+            weights = jax.nn.softmax(jnp.broadcast_to(bias, (b, h, n, n)), axis=-1).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         else:  # all qk dims removed: logits are 0, attention is uniform over keys.
             out = jnp.broadcast_to(v.mean(axis=1, keepdims=True), v.shape)
         if "heads" in masks:
             _sow_mask_input(self, "heads", out, axis=-2)
-            out = out * masks["heads"][:, None]
-        return nn.DenseGeneral(self.width, axis=(-2, -1), name="out", dot_general=flat_dot_general)(out)
+            out = mask_mul(out, masks["heads"][:, None])
+        out_proj = nn.DenseGeneral(
+            self.width, axis=(-2, -1), name="out", dot_general=flat_dot_general, dtype=self.dtype
+        )
+        return out_proj(out)
 
 
 class MaskedMlp(nn.Module):
@@ -296,6 +363,7 @@ class MaskedMlp(nn.Module):
     gelu_approximate: bool = False
     group: str = "mlp"
     activation: str | None = None
+    dtype: Any = jnp.float32
 
     def act(self, y: Array) -> Array:
         name = self.activation or ("gelu_tanh" if self.gelu_approximate else "gelu")
@@ -315,7 +383,7 @@ class MaskedMlp(nn.Module):
     def __call__(self, x: Array, mask: Array | None) -> Array:
         if self.mlp_dim == 0:
             return Bias(self.width, name="fc2")(x)
-        y = nn.Dense(self.mlp_dim, name="fc1")(x)
+        y = nn.Dense(self.mlp_dim, name="fc1", dtype=self.dtype)(x)
         if mask is not None and self.mask_pre_act:
             _sow_mask_input(self, self.group, y)
             y = mask_mul(y, mask)
@@ -323,7 +391,7 @@ class MaskedMlp(nn.Module):
         if mask is not None and not self.mask_pre_act:
             _sow_mask_input(self, self.group, y)
             y = mask_mul(y, mask)
-        return nn.Dense(self.width, name="fc2")(y)
+        return nn.Dense(self.width, name="fc2", dtype=self.dtype)(y)
 
 
 class LayerScale(nn.Module):
@@ -331,7 +399,7 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return x * self.param("scale", nn.initializers.constant(1e-5), (self.width,))
+        return x * self.param("scale", nn.initializers.constant(1e-5), (self.width,)).astype(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -359,19 +427,22 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, masks: Mapping[str, Array], train: bool) -> Array:
         c = self.config
-        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln1")(x)
+        dt = jnp.dtype(c.dtype)
+        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln1", dtype=dt)(x)
         attn_masks = {k: masks[k] for k in ("qk", "vo", "heads") if k in masks}
-        y = MaskedAttention(self.dims, c.width, c.head_dim, name="attn")(y, attn_masks)
+        attn = MaskedAttention(self.dims, c.width, c.head_dim, dt, c.attention, name="attn")
+        y = attn(y, attn_masks)
         if c.layerscale:
             y = LayerScale(c.width, name="ls1")(y)
         x = x + DropPath(self.droppath)(y, train)
-        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln2")(x)
+        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln2", dtype=dt)(x)
         y = MaskedMlp(
             self.dims.mlp_dim,
             c.width,
             c.mlp_mask_pre_act,
             c.gelu_approximate,
             activation=c.activation,
+            dtype=dt,
             name="mlp",
         )(y, masks.get("mlp"))
         if c.layerscale:
@@ -407,28 +478,30 @@ class VisionTransformer(nn.Module):
             raise ConfigError(
                 f"input {hgt}x{wid} is not square or not a multiple of patch {p}; resize the images"
             )
+        dt = jnp.dtype(c.dtype)
         x = nn.Conv(
-            c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, name="embedding"
-        )(images)
+            c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, name="embedding",
+            dtype=dt,
+        )(images)  # fmt: skip
         grid = hgt // p
         x = x.reshape(b, grid * grid, c.width)
         n_pos = c.posemb_grid**2 + int(c.posemb_cls and c.cls_token)
         posemb = self.param("pos_embedding", nn.initializers.normal(0.02), (1, n_pos, c.width))
         patch_pe = posemb[:, -(c.posemb_grid**2) :]
         patch_pe = resample_posemb(patch_pe, c.posemb_grid, grid, c.posemb_interp_offset)
-        x = x + patch_pe
+        x = x + patch_pe.astype(dt)
         if c.cls_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
             if c.posemb_cls:
                 cls = cls + posemb[:, :1]
-            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.width)), x], axis=1)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, c.width)), x], axis=1)
         if c.ln_pre:
-            x = nn.LayerNorm(epsilon=c.ln_eps, name="ln_pre")(x)
+            x = nn.LayerNorm(epsilon=c.ln_eps, name="ln_pre", dtype=dt)(x)
         for i, dims in enumerate(layers):
             layer_masks = {k: m[i] for k, m in masks.items()}
             rate = c.droppath_rate * i / max(c.depth - 1, 1)
             x = EncoderBlock(c, dims, rate, name=f"encoderblock_{i}")(x, layer_masks, train)
-        x = nn.LayerNorm(epsilon=c.ln_eps, name="encoder_norm")(x)
+        x = nn.LayerNorm(epsilon=c.ln_eps, name="encoder_norm", dtype=jnp.float32)(x)
         if c.pool == "cls":
             x = x[:, 0]
         elif c.pool == "gap":
