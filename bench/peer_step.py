@@ -2,6 +2,8 @@
 
     python bench/peer_step.py [--tokens 17,65] [--batch 64] [--steps 5] [--llm_batch 1] [--llm_seq 256] \
         [--out bench/results/peer_step.json]
+    python bench/peer_step.py --device cuda --variant B/16 --tokens 197 --batch 256 --llm_seq 2048 \
+        --llm_batch 4 --dtype bfloat16 --jax_attention xla,cudnn      # on a GPU (bench/gpu_peer_step.sh)
 
 The PyTorch side restates the reference search step (docs/algorithm.md §3.2, the official form):
   * ViT: timm-style pre-LN blocks (fused qkv Linear, GELU MLP, exact erf GELU, LayerNorm eps 1e-6, class
@@ -21,6 +23,11 @@ random weights (spp_jax's init with a random head, copied into torch), the same 
 default thread counts. Each torch step runs in a child process of its own (in one process the step after a
 torch step ran ~40% slower), and both processes run under tcmalloc as the launch scripts do
 (spp_jax/allocator.py; SPP_JAX_TCMALLOC=0 measures glibc's malloc instead).
+On a GPU (`--device cuda`) both sides run there: the torch step in its child process (its JAX on the CPU,
+only to build the same weights), float32 matmuls as TF32 on both sides (XLA's default on GPUs; torch's
+`allow_tf32`), or with `--dtype bfloat16` torch under `torch.autocast(bfloat16)` (the reference script's
+AMP) against spp_jax's bfloat16 compute dtype; `--jax_attention xla,cudnn` times spp_jax with each
+attention core.
 Each step is compiled and warmed up first; then the kinds are timed round-robin (step i of every kind before
 step i + 1 of any, each round starting at another kind), so outside load falls on all of them alike;
 medians of --steps calls.
@@ -32,6 +39,8 @@ spp_jax's on a tiny config (tests/test_peer_step.py runs the same check).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -218,7 +227,9 @@ class TorchLlama(nn.Module):
     def forward(self, tokens):
         c = self.config
         inv_freq = torch.from_numpy(rope_inv_freq(range(c.head_dim // 2), c.head_dim, c.rope_theta))
-        angle = torch.arange(tokens.shape[1], dtype=torch.float32)[:, None] * inv_freq[None, :]
+        inv_freq = inv_freq.to(tokens.device)
+        angle = torch.arange(tokens.shape[1], dtype=torch.float32, device=tokens.device)[:, None]
+        angle = angle * inv_freq[None, :]
         cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
         x = self.embed(tokens)
         m = self.masks
@@ -246,8 +257,9 @@ class TorchLlama(nn.Module):
 class TorchOfficialStep:
     """The reference search step: backward through everything, AdamW on the masks, then Z / Gamma."""
 
-    def __init__(self, model: nn.Module, lr=1e-3, lam=3.0, b1=0.9, b2=0.999, eps=1e-4):
+    def __init__(self, model: nn.Module, lr=1e-3, lam=3.0, b1=0.9, b2=0.999, eps=1e-4, autocast=None):
         self.model, self.lr, self.lam, self.b1 = model, lr, lam, b1
+        self.autocast = autocast  # None, or a torch dtype to run the forward pass under (AMP)
         for p in model.parameters():
             p.requires_grad_(True)  # as the reference: weights too, though only the masks are stepped
         self.masks = dict(model.masks.items())
@@ -259,11 +271,15 @@ class TorchOfficialStep:
         self.t = 0
 
     def loss(self, batch) -> torch.Tensor:
-        if isinstance(self.model, TorchViT):
-            return F.cross_entropy(self.model(batch["image"]), batch["label"])
-        tokens = batch["tokens"]
-        logits = self.model(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        amp = contextlib.nullcontext()
+        if self.autocast is not None:
+            amp = torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast)
+        with amp:
+            if isinstance(self.model, TorchViT):
+                return F.cross_entropy(self.model(batch["image"]), batch["label"])
+            tokens = batch["tokens"]
+            logits = self.model(tokens[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     def __call__(self, batch) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
@@ -299,12 +315,12 @@ def torch_model(a, adapter, params, attn: str = "sdpa") -> nn.Module:
 
 
 def setup(arch: str, variant: str, batch: int, image_size: int = 64, seq: int = 256, seed: int = 0,
-          num_classes: int = 1000):  # fmt: skip
+          num_classes: int = 1000, dtype: str = "float32"):  # fmt: skip
     """(namespace, adapter, task, params, batch) as bench/search_step.py builds them, with a random head
     (the zero-initialised head would give zero mask gradients)."""
     a = SimpleNamespace(
         arch=arch, variant=variant, batch=batch, image_size=image_size, seq=seq, seed=seed,
-        num_classes=num_classes, groups="qk,vo,mlp",
+        num_classes=num_classes, groups="qk,vo,mlp", dtype=dtype,
     )  # fmt: skip
     adapter, task, params, data = build(a)
     if arch == "vit":
@@ -348,16 +364,27 @@ def jax_runner(fn, args) -> tuple[Callable[[], None], float]:
     return run, compile_s
 
 
-def _torch_worker(conn, setup_args: tuple, attn: str) -> None:
-    """Child process: build the torch step from the same setup, then time one step per "step" message."""
+def _torch_worker(conn, setup_args: tuple, attn: str, device: str = "cpu", dtype: str = "float32") -> None:
+    """Child process: build the torch step from the same setup, then time one step per "step" message.
+    On a GPU: JAX stays on the CPU (it only builds the weights), float32 matmuls run as TF32 (as XLA's do),
+    bfloat16 means the forward pass under autocast."""
+    if device != "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     a, adapter, _, params, data = setup(*setup_args)
-    tstep, tb = TorchOfficialStep(torch_model(a, adapter, params, attn)), torch_batch(data)
+    amp = None if dtype == "float32" else getattr(torch, dtype)
+    model = torch_model(a, adapter, params, attn).to(device)
+    tstep = TorchOfficialStep(model, autocast=amp)
+    tb = {k: v.to(device) for k, v in torch_batch(data).items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     for _ in range(2):  # warm-up
         tstep(tb)
+    sync()
     conn.send(torch.get_num_threads())
     while conn.recv() == "step":
         t0 = time.perf_counter()
         tstep(tb)
+        sync()
         conn.send(time.perf_counter() - t0)
 
 
@@ -366,10 +393,11 @@ class TorchProcess:
     torch step ran ~40% slower (ViT-S/16, 65 tokens: 7.6 s against 5.4 s), so each side keeps its threads
     and allocator to itself; the parent only ever waits while the other side runs."""
 
-    def __init__(self, setup_args: tuple, attn: str):
+    def __init__(self, setup_args: tuple, attn: str, device: str = "cpu", dtype: str = "float32"):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_torch_worker, args=(child, setup_args, attn), daemon=True)
+        args = (child, setup_args, attn, device, dtype)
+        self.proc = ctx.Process(target=_torch_worker, args=args, daemon=True)
         self.proc.start()
         self.threads = self.conn.recv()
 
@@ -383,41 +411,66 @@ class TorchProcess:
 
 
 def measure(arch, variant, batch, steps, image_size=64, seq=256, attns=("sdpa", "explicit"),
-            finetune=True) -> dict:  # fmt: skip
-    """Torch reference steps (per attention form) and spp_jax's official / curvature search and fine-tune
-    steps on one model and batch, each compiled / warmed up, then timed round-robin (`interleaved`)."""
-    a, adapter, task, params, data = setup(arch, variant, batch, image_size, seq)
+            finetune=True, device="cpu", dtype="float32", jax_attentions=("xla",)) -> dict:  # fmt: skip
+    """Torch reference steps (per attention form, on `device`) and spp_jax's official / curvature search and
+    fine-tune steps (per attention core in `jax_attentions`, compute `dtype`) on one model and batch, each
+    compiled / warmed up, then timed round-robin (`interleaved`). spp_jax keys are "official",
+    "curvature", "finetune" for the first core; a further core (key suffix "@<core>") times the official
+    and fine-tune steps only."""
+    a, adapter, task, params, data = setup(arch, variant, batch, image_size, seq, dtype=dtype)
     spec = adapter.mask_spec()
-    out = {"arch": arch, "variant": variant, "batch": batch}
+    out = {"arch": arch, "variant": variant, "batch": batch, "device": device, "dtype": dtype}
     if arch == "vit":
         out["image_size"], out["tokens"] = image_size, adapter.config.num_tokens
     else:
         out["seq"] = seq
-    runs, compile_s, workers = {}, {}, []
+    # model FLOPs as bench/search_step.py counts them: 4 x MACs per example for a search step (forward +
+    # activation backward), 6 x for fine-tuning; llama MACs are per token
+    macs = adapter.arch_cost(adapter.dense_spec())[1] * (seq if arch == "llama" else 1) * batch
+    out["model_flops"] = {"search": 4 * macs, "finetune": 6 * macs}
+    runs, compile_s, workers, errors = {}, {}, [], {}
     for attn in attns if arch == "vit" else ("sdpa",):
-        workers.append(TorchProcess((arch, variant, batch, image_size, seq), attn))
+        workers.append(TorchProcess((arch, variant, batch, image_size, seq), attn, device, dtype))
         runs[f"torch/{attn}"] = workers[-1]
         out["torch_threads"] = workers[-1].threads
-    for mode in ("official", "curvature"):
-        tx = spp(mode)
-        step = make_search_step(adapter.module().apply, spec, tx, task=task, curvature=mode == "curvature")
-        runs[mode], compile_s[mode] = jax_runner(step, (init_search_state(spec, tx), params, data))
-    if finetune:
-        tx = optax.adamw(1e-4, weight_decay=0.05)
-        train_step = make_train_step(adapter.module().apply, tx, task=task)
-        runs["finetune"], compile_s["finetune"] = jax_runner(train_step, (init_train_state(params, tx), data))
+    for i, impl in enumerate(jax_attentions):
+        adapter_i = dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, attention=impl))
+        apply, suffix = adapter_i.module().apply, "" if i == 0 else f"@{impl}"
+        kinds = (
+            [("official", "search")]
+            + [("curvature", "search")] * (i == 0)
+            + [("finetune", "train")] * finetune
+        )
+        for kind, what in kinds:
+            try:
+                if what == "search":
+                    tx = spp(kind)
+                    step = make_search_step(apply, spec, tx, task=task, curvature=kind == "curvature")
+                    args = (init_search_state(spec, tx), params, data)
+                else:
+                    tx = optax.adamw(1e-4, weight_decay=0.05)
+                    step, args = make_train_step(apply, tx, task=task), (init_train_state(params, tx), data)
+                runs[kind + suffix], compile_s[kind + suffix] = jax_runner(step, args)
+            except Exception as e:  # e.g. a fused kernel this jaxlib or GPU refuses: report, time the rest
+                errors[kind + suffix] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                print(f"{kind + suffix}: {errors[kind + suffix]}", flush=True)
     timed = interleaved(runs, steps)
     for w in workers:
         w.close()
+    out["errors"] = errors
     out["torch"] = {k.split("/")[1]: v for k, v in timed.items() if k.startswith("torch/")}
     out["torch_best"] = min(out["torch"], key=lambda k: out["torch"][k]["median_ms"])
     out["torch_ms"] = out["torch"][out["torch_best"]]["median_ms"]
-    for k, s in compile_s.items():
-        out[k] = {**timed[k], "compile_s": s}
-    for mode in ("official", "curvature"):
-        out[mode]["torch_over_jax"] = out["torch_ms"] / out[mode]["median_ms"]
-        if finetune:
-            out[mode]["search_over_finetune"] = out[mode]["median_ms"] / out["finetune"]["median_ms"]
+    for k, sec in compile_s.items():
+        out[k] = {**timed[k], "compile_s": sec}
+    for k in compile_s:
+        mode, _, impl = k.partition("@")
+        if mode == "finetune":
+            continue
+        out[k]["torch_over_jax"] = out["torch_ms"] / out[k]["median_ms"]
+        ft = out.get("finetune" + (f"@{impl}" if impl else ""))
+        if ft:
+            out[k]["search_over_finetune"] = out[k]["median_ms"] / ft["median_ms"]
     return out
 
 
@@ -511,6 +564,10 @@ def main() -> None:
     ap.add_argument("--llm_seq", type=int, default=256)
     ap.add_argument("--llm_batch", type=int, default=1, help="0 = skip the LLM row")
     ap.add_argument("--llm_finetune", type=int, default=1, help="also time the LLM fine-tune step")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu | cuda (spp_jax uses JAX's default)")
+    ap.add_argument("--dtype", default="float32", help="compute dtypes, comma separated: float32,bfloat16")
+    ap.add_argument("--jax_attention", default="xla", help="spp_jax attention cores, comma separated")
+    ap.add_argument("--torch_attention", default="sdpa,explicit", help="ViT torch attention forms")
     ap.add_argument("--check", action="store_true", help="only the correctness check (tiny config)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -520,40 +577,50 @@ def main() -> None:
             print(arch, json.dumps(check(arch), indent=1))
         return
 
-    rows = []
-    for n in (int(t) for t in a.tokens.split(",")):
-        grid = math.isqrt(n - 1)
-        assert grid * grid == n - 1, f"{n} tokens is not 1 + a square"
-        rows.append(measure("vit", a.variant, a.batch, a.steps, image_size=16 * grid))
-    if a.llm_batch:
-        rows.append(measure("llama", a.llm_variant, a.llm_batch, a.steps, seq=a.llm_seq,
-                            finetune=bool(a.llm_finetune)))  # fmt: skip
+    meta = {
+        "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+        "torch": torch.__version__, "torch_device": a.device, "steps": a.steps,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }  # fmt: skip
+    rows, split = [], lambda text: tuple(text.split(","))
+
+    def add(row: dict) -> None:  # the file is rewritten after every row: a run cut short keeps its rows
+        rows.append(row)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+    common = dict(device=a.device, attns=split(a.torch_attention))
+    for dtype in split(a.dtype):
+        impls = tuple(i for i in split(a.jax_attention) if dtype != "float32" or i == "xla")
+        kw = dict(common, dtype=dtype, jax_attentions=impls)
+        for n in (int(t) for t in a.tokens.split(",") if t):
+            grid = math.isqrt(n - 1)
+            assert grid * grid == n - 1, f"{n} tokens is not 1 + a square"
+            add(measure("vit", a.variant, a.batch, a.steps, image_size=16 * grid, **kw))
+        if a.llm_batch:
+            add(measure("llama", a.llm_variant, a.llm_batch, a.steps, seq=a.llm_seq,
+                        finetune=bool(a.llm_finetune), **kw))  # fmt: skip
 
     print(f"device {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32")  # fmt: skip
-    print("| model | tokens | batch | torch ms | spp_jax form | spp_jax search ms | ratio (torch / spp_jax) "
-          "| spp_jax fine-tune ms | search / fine-tune |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"torch {torch.__version__} on {a.device} ({torch.get_num_threads()} threads)")  # fmt: skip
+    print("| model | tokens | batch | dtype | torch ms | spp_jax form | spp_jax search ms "
+          "| ratio (torch / spp_jax) | spp_jax fine-tune ms | search / fine-tune |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         name = f"ViT-{r['variant']}" if r["arch"] == "vit" else r["variant"]
         n = r.get("tokens", r.get("seq"))
-        ft = r.get("finetune", {}).get("median_ms")
-        for mode in ("official", "curvature"):
-            m = r[mode]
+        for key in (k for k in r if k.split("@")[0] in ("official", "curvature")):
+            m, impl = r[key], key.partition("@")[2]
+            ft = r.get("finetune" + (f"@{impl}" if impl else ""), {}).get("median_ms")
             sf = m.get("search_over_finetune")
             ft_s = "-" if ft is None else f"{ft:.0f}"
             sf_s = "-" if sf is None else f"{sf:.2f}"
-            print(f"| {name} | {n} | {r['batch']} | {r['torch_ms']:.0f} ({r['torch_best']}) | {mode} | "
+            torch_s = f"{r['torch_ms']:.0f} ({r['torch_best']})"
+            print(f"| {name} | {n} | {r['batch']} | {r['dtype']} | {torch_s} | {key} | "
                   f"{m['median_ms']:.0f} | {m['torch_over_jax']:.2f} | {ft_s} | {sf_s} |")  # fmt: skip
-    if a.out:
-        meta = {
-            "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "steps": a.steps,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", ""),
-        }  # fmt: skip
-        with open(a.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        for key, err in r["errors"].items():
+            print(f"| {name} | {n} | {r['batch']} | {r['dtype']} | - | {key} | failed: {err} | | | |")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
     python bench/search_step.py --variant S/16 --batch 32 --image_size 224 --steps 3 [--out result.json]
     python bench/search_step.py --arch llama --variant smollm2-135m --batch 4 --seq 2048 \
-        [--mode curvature] [--peak_tflops 494.7]
+        [--mode curvature] [--peak_tflops 494.7] [--dtype bfloat16 --attention cudnn]
 
 Search step: `make_search_step(module.apply, spec, spp("official"))`, jitted: loss gradient w.r.t. the
 masks only (weights frozen, passed as an argument) plus the SPP mask update. Fine-tuning step: loss
 gradient w.r.t. ALL weights, `optax.adamw` update, `optax.apply_updates`, jitted. Both use random
-weights (`module.init`) and random images/labels. Each is compiled first (compile time reported), run
-once to warm up, then timed over --steps calls with `jax.block_until_ready`; median and min reported.
+weights (`module.init`, float32) and random images/labels; `--dtype` is the model's compute dtype
+(spp_jax/models/vit.py) and `--attention` its attention core. Each is compiled first (compile time
+reported), run once to warm up, then timed over --steps calls with `jax.block_until_ready`; median and
+min reported.
 
 Model FLOPs utilisation (MFU, with --peak_tflops: the device's peak for the compute dtype): a search step's
 work is the forward pass and the backward pass through the activations, 2 x 2 x MACs per example (no
@@ -62,13 +64,14 @@ def build(a) -> tuple:
     """(adapter, task, params, batch) for --arch, random weights and data."""
     k_init, k_x, k_y = jax.random.split(jax.random.key(a.seed), 3)
     groups = tuple(a.groups.split(","))
+    compute = dict(dtype=getattr(a, "dtype", "float32"), attention=getattr(a, "attention", "xla"))
     if a.arch == "vit":
         from spp_jax.adapters import ViTAdapter
         from spp_jax.models.vit import vit_config
         from spp_jax.tasks.image_classification import ImageClassification
 
         adapter = ViTAdapter(
-            vit_config(a.variant, image_size=a.image_size, num_classes=a.num_classes), groups
+            vit_config(a.variant, image_size=a.image_size, num_classes=a.num_classes, **compute), groups
         )
         images = jax.random.normal(k_x, (a.batch, a.image_size, a.image_size, 3), jnp.float32)
         batch = {"image": images, "label": jax.random.randint(k_y, (a.batch,), 0, a.num_classes)}
@@ -81,7 +84,9 @@ def build(a) -> tuple:
         from spp_jax.tasks.causal_lm import CausalLM
 
         config = llama_config(a.variant)
-        config = dataclasses.replace(config, cost_seq_len=a.seq, max_len=max(config.max_len, a.seq))
+        config = dataclasses.replace(
+            config, cost_seq_len=a.seq, max_len=max(config.max_len, a.seq), **compute
+        )
         adapter = LlamaAdapter(config, groups)
         tokens = jax.random.randint(k_x, (a.batch, a.seq + 1), 0, config.vocab_size)
         batch, task, example = {"tokens": tokens}, CausalLM(), tokens[:1, :8]
@@ -100,6 +105,8 @@ def main() -> None:
     ap.add_argument("--groups", default="qk,vo,mlp", help="mask groups, comma separated")
     ap.add_argument("--mode", default="official", help="SPP form of the search step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per kind (after one warm-up)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    ap.add_argument("--attention", default="xla", help="attention core: xla | cudnn (GPU, bfloat16)")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for the MFU column")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -138,6 +145,8 @@ def main() -> None:
         "image_size": a.image_size if a.arch == "vit" else None,
         "seq": a.seq if a.arch == "llama" else None,
         "mode": a.mode,
+        "dtype": a.dtype,
+        "attention": a.attention,
         "steps": a.steps,
         "params": int(n_params),
         "groups": {g.name: {"depth": g.depth, "size": g.size, "entries": g.num_entries} for g in spec.groups},
