@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pool = "mean"  # mean (sentence-transformers) | cls
     c.model.groups = ("qk", "vo", "mlp")  # add "heads" for whole-head pruning
     c.model.mlp_mask_pre_act = True
+    # Compute dtype: float32 | bfloat16 (mixed precision: parameters, masks and SPP state stay float32).
+    c.model.dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "bbc_news"

@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.embed_dim = 256
     c.model.image_groups = ("qk", "vo", "mlp")
     c.model.text_groups = ("qk", "vo", "mlp")
+    # Compute dtype of both towers: float32 | bfloat16 (parameters, masks and SPP state stay float32);
+    # attention: the image tower's core, xla | cudnn (the fused attention kernel; a GPU and bfloat16 only).
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "fashion_mnist"

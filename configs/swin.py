@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.init_path = ""  # timm checkpoint file / Hugging Face directory
     c.model.image_size = 32
     c.model.groups = ("qk", "vo", "mlp")  # kinds; add "heads" for whole-head pruning
+    # Compute dtype: float32 | bfloat16 (mixed precision: parameters, masks and SPP state stay float32).
+    c.model.dtype = "float32"
     c.model.droppath_rate = 0.0
 
     c.data = ml_collections.ConfigDict()

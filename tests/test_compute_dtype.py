@@ -15,12 +15,12 @@ import pytest
 
 from spp_jax.adapters import ViTAdapter
 from spp_jax.adapters.llama import LlamaAdapter
+from spp_jax.architectures import architecture_class
 from spp_jax.errors import ConfigError
 from spp_jax.models.llama import LlamaConfig, llama_config
 from spp_jax.models.vit import ViTConfig, vit_config
 from spp_jax.search import init_search_state, make_search_step
 from spp_jax.spp import spp
-from spp_jax.tasks import model_loss
 from spp_jax.tasks.causal_lm import CausalLM
 from spp_jax.tasks.image_classification import ImageClassification
 
@@ -46,37 +46,54 @@ def _with(adapter, **compute):
     return dataclasses.replace(adapter, config=dataclasses.replace(adapter.config, **compute))
 
 
-def _loss_and_mask_grads(adapter, task, params, data, masks):
-    apply = adapter.module().apply
-    fn = lambda m: model_loss(apply, task, params, data, masks=m, train=False)[0]
-    return jax.jit(jax.value_and_grad(fn))(masks)
+def _bf16(adapter):
+    """`adapter` at the bfloat16 compute dtype (both towers of a two-tower model)."""
+    c = adapter.config
+    if hasattr(c, "image"):
+        to16 = lambda tower: dataclasses.replace(tower, dtype="bfloat16")
+        return dataclasses.replace(
+            adapter, config=dataclasses.replace(c, image=to16(c.image), text=to16(c.text))
+        )
+    return _with(adapter, dtype="bfloat16")
 
 
-@pytest.mark.parametrize("arch", ["vit", "llama"])
-def test_bfloat16_compute_keeps_float32_params_masks_and_outputs(arch):
-    adapter, task, params, data = _case(arch)
-    bf16 = _with(adapter, dtype="bfloat16")
-    x = data["image"] if arch == "vit" else data["tokens"][:, :-1]
+@pytest.mark.parametrize("arch", ["vit", "llama", "bert", "swin", "clip"])
+def test_every_row_computes_in_bfloat16_with_float32_params_and_outputs(arch):
+    adapter, params, inputs = architecture_class(arch)().tiny_example(None, 0)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+    bf16 = _bf16(adapter)
     # parameters are created in float32 whatever the compute dtype
-    init = bf16.module().init(jax.random.key(0), x[:1])["params"]
+    init = bf16.module().init(jax.random.key(0), *inputs)["params"]
     assert {p.dtype for p in jax.tree.leaves(init)} == {jnp.dtype(jnp.float32)}
-    out32 = adapter.module().apply({"params": params}, x)
-    out16 = bf16.module().apply({"params": params}, x)
-    assert out16.dtype == jnp.float32 and out16.shape == out32.shape
-    err = float(jnp.abs(out16 - out32).max() / jnp.abs(out32).max())
-    assert 0 < err < 0.05, err  # bfloat16 did run (not float32), and close to it
-    rng = np.random.default_rng(1)
     masks = {
         k: (0.5 + rng.random(m.shape)).astype(np.float32) for k, m in adapter.mask_spec().init_masks().items()
     }
-    loss32, g32 = _loss_and_mask_grads(adapter, task, params, data, masks)
-    loss16, g16 = _loss_and_mask_grads(bf16, task, params, data, masks)
-    assert abs(float(loss16) - float(loss32)) < 0.02 * abs(float(loss32))
+    outs = {}
+    for name, a in (("f32", adapter), ("bf16", bf16)):
+        apply = a.module().apply
+        outs[name] = jax.tree.leaves(apply({"params": params}, *inputs, masks=masks))
+    weights = [jnp.asarray(rng.normal(size=np.shape(o)), jnp.float32) for o in outs["f32"]]
+    errs = []
+    for o32, o16 in zip(outs["f32"], outs["bf16"], strict=True):
+        assert o16.dtype == jnp.float32 and o16.shape == o32.shape
+        errs.append(float(jnp.abs(o16 - o32).max() / jnp.abs(o32).max()))
+    # bfloat16 did run (not float32), and close to it (CLIP's logit scale is a parameter: equal)
+    assert 0 < max(errs) < 0.05, errs
+    grads = {}
+    for name, a in (("f32", adapter), ("bf16", bf16)):
+        apply = a.module().apply
+
+        def scalar(m, apply=apply):
+            out = jax.tree.leaves(apply({"params": params}, *inputs, masks=m))
+            return sum(jnp.sum(o * w) for o, w in zip(out, weights, strict=True))
+
+        grads[name] = jax.jit(jax.grad(scalar))(masks)
     for k in masks:
-        a, b = np.asarray(g32[k]).ravel(), np.asarray(g16[k]).ravel()
-        assert g16[k].dtype == jnp.float32
+        a, b = np.asarray(grads["f32"][k]).ravel(), np.asarray(grads["bf16"][k]).ravel()
+        assert grads["bf16"][k].dtype == jnp.float32
         cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        assert cos > 0.9, (k, cos)  # ~0.9997 for most groups; a 4-entry kv_heads group's sums cancel more
+        assert cos > 0.9, (k, cos)  # ~0.999 for most groups; small groups whose sums cancel are noisier
 
 
 @pytest.mark.parametrize("arch", ["vit", "llama"])

@@ -9,7 +9,8 @@ used and the variant is only a label), model.init:
   random  our own init of model.variant plus N(0, 0.1^2) noise (zero head), with MiniLM's tokenizer and its
           vocabulary size (for tests)
 model.seq_len (tokens per text: the length the model runs and is costed at), model.pool (mean | cls),
-model.groups (qk, vo, mlp, heads), model.mlp_mask_pre_act. The encoder is a classifier here: its task says
+model.groups (qk, vo, mlp, heads), model.mlp_mask_pre_act, model.dtype (float32 | bfloat16: compute dtype).
+The encoder is a classifier here: its task says
 how many classes (`task.num_classes()`) and the head starts at zeros (a probe head is fitted on the
 features of `feature_module`).
 """
@@ -23,6 +24,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
+from spp_jax.models.vit import COMPUTE_DTYPES
 
 INITS = ("minilm", "hf", "random")
 POOLS = ("mean", "cls")
@@ -54,6 +56,7 @@ class BertArchitecture:
         "model.seq_len": positive_int,
         "model.pool": one_of(POOLS),
         "model.mlp_mask_pre_act": boolean,
+        "model.dtype": one_of(COMPUTE_DTYPES),
     }
 
     def _config(self, cfg: Any, num_classes: int):
@@ -61,8 +64,9 @@ class BertArchitecture:
 
         m = cfg.model
         kw = dict(
-            seq_len=m.seq_len, pool=m.pool, num_classes=num_classes, mlp_mask_pre_act=m.mlp_mask_pre_act
-        )
+            seq_len=m.seq_len, pool=m.pool, num_classes=num_classes, mlp_mask_pre_act=m.mlp_mask_pre_act,
+            dtype=m.dtype,
+        )  # fmt: skip
         if m.init == "random":
             vocab = self.tokenizer(cfg)[0].get_vocab_size()
             config = bert_config(m.variant, vocab_size=vocab)

@@ -14,6 +14,9 @@ Config keys:
   model.embed_dim     the shared embedding width (lit, random)
   model.image_groups, model.text_groups   each tower's mask kinds (qk, vo, mlp, heads; one may be empty):
                       the groups are "image/<kind>" and "text/<kind>"
+  model.dtype         both towers' compute dtype (float32 | bfloat16)
+  model.attention     the image tower's attention core (xla | cudnn); the text tower's padding bias keeps
+                      the einsum core
 The task (contrastive loss, data, zero-shot evaluation) is spp_jax.tasks'; it feeds
 (images, input_ids, attention_mask).
 """
@@ -27,6 +30,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
 
 INITS = ("lit", "hf", "random")
 VARIANT_NAMES = ("mu", "lit")  # = spp_jax.models.clip.VARIANTS (checked by the tests)
@@ -72,9 +76,22 @@ class ClipArchitecture:
         "model.embed_dim": positive_int,
         "model.image_groups": _kinds,
         "model.text_groups": _kinds,
+        "model.dtype": one_of(COMPUTE_DTYPES),
+        "model.attention": one_of(ATTENTION_IMPLS),
     }
 
     def _config(self, cfg: Any):
+        """The checkpoint's (or variant's) two-tower config, both towers at the run's compute dtype."""
+        import dataclasses
+
+        config, m = self._shapes(cfg), cfg.model
+        return dataclasses.replace(
+            config,
+            image=dataclasses.replace(config.image, dtype=m.dtype, attention=m.attention),
+            text=dataclasses.replace(config.text, dtype=m.dtype),
+        )
+
+    def _shapes(self, cfg: Any):
         import dataclasses
 
         from spp_jax.models.clip import ClipConfig, clip_config

@@ -6,7 +6,8 @@ used and the variant is only a label), model.init:
   timm    a timm `swin_*` checkpoint file at model.init_path (.safetensors or .npz)
   random  our own init of model.variant
 model.image_size (the input side, costed there), model.groups (kinds qk, vo, mlp, heads: one group per
-stage and kind, `stage{s}/{kind}`), model.droppath_rate (optional, default 0). A Swin here is a classifier:
+stage and kind, `stage{s}/{kind}`), model.droppath_rate (optional, default 0), model.dtype (float32 |
+bfloat16: compute dtype). A Swin here is a classifier:
 its task says how many classes; a checkpoint head of another size is replaced by a zero head.
 """
 
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
+from spp_jax.models.vit import COMPUTE_DTYPES
 
 INITS = ("hf", "timm", "random")
 VARIANT_NAMES = ("mu", "nano", "T", "S", "B")  # = spp_jax.models.swin.VARIANTS (checked by the tests)
@@ -56,6 +58,7 @@ class SwinArchitecture:
         "model.init": one_of(INITS),
         "model.variant": one_of(VARIANT_NAMES),
         "model.image_size": positive_int,
+        "model.dtype": one_of(COMPUTE_DTYPES),
     }
 
     def _droppath(self, cfg: Any) -> float:
@@ -72,7 +75,9 @@ class SwinArchitecture:
         if num_classes is None:
             num_classes = task.num_classes()
         m = cfg.model
-        kw = dict(image_size=m.image_size, num_classes=num_classes, droppath_rate=self._droppath(cfg))
+        kw = dict(
+            image_size=m.image_size, num_classes=num_classes, droppath_rate=self._droppath(cfg), dtype=m.dtype
+        )
         if m.init == "random":
             config = swin_config(m.variant, **kw)
         else:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import LayerDims, MaskedAttention, MaskedMlp
+from spp_jax.models.vit import LayerDims, MaskedAttention, MaskedMlp, check_compute
 
 Array = jax.Array
 
@@ -59,6 +59,8 @@ class BertConfig:
       num_classes: > 0 adds a zero-initialised Dense "head" on the pooled features (logits out).
       mlp_mask_pre_act: apply the mlp mask before the activation (reference code) or after it.
       dropout_rate: hidden dropout (embeddings and both residual branches), active only with train=True.
+      dtype: compute dtype, "float32" or "bfloat16" (spp_jax/models/vit.py): parameters, masks, LayerNorm
+        statistics, softmax and the pooled output stay float32. (The padding bias keeps the einsum core.)
     """
 
     vocab_size: int = 30522
@@ -80,8 +82,10 @@ class BertConfig:
     num_classes: int = 0
     mlp_mask_pre_act: bool = True
     dropout_rate: float = 0.0
+    dtype: str = "float32"
 
     def __post_init__(self):
+        check_compute(self.dtype, "xla")
         if self.width % self.num_heads:
             raise ConfigError(
                 f"width {self.width} is not divisible by num_heads {self.num_heads}; "
@@ -158,11 +162,14 @@ class BertBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, masks: Mapping[str, Array], bias: Array | None, train: bool) -> Array:
         c = self.config
+        dt = jnp.dtype(c.dtype)
         attn_masks = {k: masks[k] for k in ("qk", "vo", "heads") if k in masks}
-        attn = MaskedAttention(self.dims, c.width, c.head_dim, name="attn")
-        mlp = MaskedMlp(self.dims.mlp_dim, c.width, c.mlp_mask_pre_act, activation=c.activation, name="mlp")
-        ln1 = nn.LayerNorm(epsilon=c.ln_eps, name="ln1")
-        ln2 = nn.LayerNorm(epsilon=c.ln_eps, name="ln2")
+        attn = MaskedAttention(self.dims, c.width, c.head_dim, dt, name="attn")
+        mlp = MaskedMlp(
+            self.dims.mlp_dim, c.width, c.mlp_mask_pre_act, activation=c.activation, dtype=dt, name="mlp"
+        )
+        ln1 = nn.LayerNorm(epsilon=c.ln_eps, name="ln1", dtype=dt)
+        ln2 = nn.LayerNorm(epsilon=c.ln_eps, name="ln2", dtype=dt)
         drop = nn.Dropout(c.dropout_rate, deterministic=not train)
         if c.norm == "pre":
             x = x + drop(attn(ln1(x), attn_masks, bias))
@@ -209,23 +216,26 @@ class BertEncoder(nn.Module):
                 f"input length {n} exceeds the {c.max_len} position embeddings; truncate to {c.max_len}"
             )
         valid = None if attention_mask is None else jnp.asarray(attention_mask) > 0
-        x = nn.Embed(c.vocab_size, c.width, name="word_embeddings")(input_ids)
-        x = x + nn.Embed(c.max_len, c.width, name="position_embeddings")(jnp.arange(n))[None]
+        dt = jnp.dtype(c.dtype)
+        x = nn.Embed(c.vocab_size, c.width, name="word_embeddings", dtype=dt)(input_ids)
+        x = x + nn.Embed(c.max_len, c.width, name="position_embeddings", dtype=dt)(jnp.arange(n))[None]
         if c.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros((b, n), jnp.int32)
-            x = x + nn.Embed(c.type_vocab_size, c.width, name="token_type_embeddings")(token_type_ids)
+            types = nn.Embed(c.type_vocab_size, c.width, name="token_type_embeddings", dtype=dt)
+            x = x + types(token_type_ids)
         elif token_type_ids is not None:
             raise ConfigError("token_type_ids given to a model without token types (type_vocab_size=0)")
         if c.embed_norm:
-            x = nn.LayerNorm(epsilon=c.ln_eps, name="embed_norm")(x)
+            x = nn.LayerNorm(epsilon=c.ln_eps, name="embed_norm", dtype=dt)(x)
         x = nn.Dropout(c.dropout_rate, deterministic=not train)(x)
         bias = attention_bias(valid, n, c.causal)
         for i, dims in enumerate(layers):
             layer_masks = {k: m[i] for k, m in masks.items()}
             x = BertBlock(c, dims, name=f"encoderblock_{i}")(x, layer_masks, bias, train)
         if c.final_norm:
-            x = nn.LayerNorm(epsilon=c.ln_eps, name="final_norm")(x)
+            x = nn.LayerNorm(epsilon=c.ln_eps, name="final_norm", dtype=jnp.float32)(x)
+        x = x.astype(jnp.float32)
         if c.pool == "none":
             return x
         if c.pool == "mean":

@@ -36,7 +36,7 @@ from spp_jax.models.swin_attention import (
     to_windows,
     window_geometry,
 )
-from spp_jax.models.vit import DropPath, LayerDims, MaskedMlp
+from spp_jax.models.vit import DropPath, LayerDims, MaskedMlp, check_compute
 
 Array = jax.Array
 KINDS = ("qk", "vo", "mlp", "heads")
@@ -56,6 +56,8 @@ class SwinConfig:
       num_classes: classifier outputs (0 = no head, the model returns pooled features).
       ln_eps: epsilon of the block and final LayerNorms (Hugging Face's `layer_norm_eps`).
       droppath_rate: stochastic depth, linear from 0 over all blocks to this rate, only with train=True.
+      dtype: compute dtype, "float32" or "bfloat16" (spp_jax/models/vit.py); parameters, masks, norm
+        statistics, attention logits and softmax, and the output stay float32.
     """
 
     image_size: int = 224
@@ -68,8 +70,10 @@ class SwinConfig:
     num_classes: int = 1000
     ln_eps: float = 1e-5
     droppath_rate: float = 0.0
+    dtype: str = "float32"
 
     def __post_init__(self):
+        check_compute(self.dtype, "xla")
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         if not self.depths or len(self.depths) != len(self.num_heads) or min(self.depths) < 1:
@@ -165,14 +169,15 @@ class PatchMerging(nn.Module):
     """2x2 neighbour concat ((0,0), (1,0), (0,1), (1,1) row/col offsets) + LayerNorm + linear 4C -> 2C."""
 
     width: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         _, h, w, _ = x.shape
         x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = nn.LayerNorm(epsilon=STEM_LN_EPS, name="norm")(x)
-        return nn.Dense(self.width, use_bias=False, name="reduction")(x)
+        x = nn.LayerNorm(epsilon=STEM_LN_EPS, name="norm", dtype=self.dtype)(x)
+        return nn.Dense(self.width, use_bias=False, name="reduction", dtype=self.dtype)(x)
 
 
 class SwinBlock(nn.Module):
@@ -189,19 +194,21 @@ class SwinBlock(nn.Module):
         c, s = self.config, self.stage
         _, height, width, dim = x.shape
         win, shift, hp, wp = window_geometry(height, width, c.window_size, self.shifted)
-        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln1")(x)
+        dt = jnp.dtype(c.dtype)
+        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln1", dtype=dt)(x)
         y = jnp.pad(y, ((0, 0), (0, hp - height), (0, wp - width), (0, 0)))
         if shift:
             y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-        attn = WindowAttention(self.dims, dim, c.head_dim(s), c.window_size, f"stage{s}/", name="attn")
+        attn = WindowAttention(self.dims, dim, c.head_dim(s), c.window_size, f"stage{s}/", dt, name="attn")
         attn_masks = {k: masks[k] for k in ("qk", "vo", "heads") if k in masks}
         mask = shift_mask(hp, wp, win, shift) if shift else None
         y = from_windows(attn(to_windows(y, win), win, mask, attn_masks), win, hp, wp)
         if shift:
             y = jnp.roll(y, (shift, shift), axis=(1, 2))
         x = x + DropPath(self.droppath)(y[:, :height, :width], train)
-        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln2")(x)
-        y = MaskedMlp(self.dims.mlp_dim, dim, group=f"stage{s}/mlp", name="mlp")(y, masks.get("mlp"))
+        y = nn.LayerNorm(epsilon=c.ln_eps, name="ln2", dtype=dt)(x)
+        mlp = MaskedMlp(self.dims.mlp_dim, dim, group=f"stage{s}/mlp", dtype=dt, name="mlp")
+        y = mlp(y, masks.get("mlp"))
         return x + DropPath(self.droppath)(y, train)
 
 
@@ -216,7 +223,7 @@ class SwinStage(nn.Module):
     def __call__(self, x: Array, masks: Mapping[str, Array], train: bool) -> Array:
         c, s = self.config, self.stage
         if s > 0:
-            x = PatchMerging(c.dim(s), name="downsample")(x)
+            x = PatchMerging(c.dim(s), jnp.dtype(c.dtype), name="downsample")(x)
         for i, dims in enumerate(self.layers):
             rate = c.droppath_rate * (c.first_block(s) + i) / max(c.depth - 1, 1)
             block = SwinBlock(c, s, dims, shifted=i % 2 == 1, droppath=rate, name=f"block_{i}")
@@ -249,13 +256,14 @@ class SwinTransformer(nn.Module):
         p = c.patch_size
         _, h, w, _ = images.shape
         images = jnp.pad(images, ((0, 0), (0, -h % p), (0, -w % p), (0, 0)))
-        x = nn.Conv(c.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed")(images)
-        x = nn.LayerNorm(epsilon=STEM_LN_EPS, name="patch_norm")(x)
+        dt = jnp.dtype(c.dtype)
+        embed = nn.Conv(c.embed_dim, (p, p), strides=(p, p), padding="VALID", name="patch_embed", dtype=dt)
+        x = nn.LayerNorm(epsilon=STEM_LN_EPS, name="patch_norm", dtype=dt)(embed(images))
         for s in range(c.num_stages):
             stage_layers = tuple(layers[c.first_block(s) : c.first_block(s + 1)])
             stage_masks = {k.split("/", 1)[1]: m for k, m in masks.items() if k.startswith(f"stage{s}/")}
             x = SwinStage(c, s, stage_layers, name=f"stage_{s}")(x, stage_masks, train)
-        x = nn.LayerNorm(epsilon=c.ln_eps, name="norm")(x).mean(axis=(1, 2))
+        x = nn.LayerNorm(epsilon=c.ln_eps, name="norm", dtype=jnp.float32)(x).mean(axis=(1, 2))
         if c.num_classes:
             x = nn.Dense(c.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
         return x

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax.models.vit import Bias, LayerDims, _sow_mask_input
+from spp_jax.models.vit import Bias, LayerDims, _sow_mask_input, mask_mul
 
 Array = jax.Array
 SHIFT_MASK_VALUE = -100.0  # added to the logits of token pairs the shift separated (original Swin's value)
@@ -85,6 +86,7 @@ class WindowAttention(nn.Module):
     the v channels, heads [num_heads] each head's output; activations are sown for wanda under
     `group_prefix + kind`. The scale stays the original 1/sqrt(head_dim), so pruned dims keep the function.
     A block without value dims (or heads) reduces to W_o's bias; it keeps its bias table while it has heads.
+    `dtype` is the compute dtype; the logits, position bias and softmax stay float32.
     """
 
     dims: LayerDims
@@ -92,6 +94,7 @@ class WindowAttention(nn.Module):
     head_dim: int
     table_window: int
     group_prefix: str = ""
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, win: int, mask: np.ndarray | None, masks: Mapping[str, Array]) -> Array:
@@ -105,26 +108,27 @@ class WindowAttention(nn.Module):
         if h * dv == 0:
             return Bias(self.width, name="out")(x)
         sow = lambda kind, y, axis=-1: _sow_mask_input(self, self.group_prefix + kind, y, axis)
-        dense = lambda feats, name: nn.DenseGeneral(feats, name=name)
+        dense = lambda feats, name: nn.DenseGeneral(feats, name=name, dtype=self.dtype)
         v = dense((h, dv), "value")(x)  # [B, n, T, h, dv]
         if "vo" in masks:
             sow("vo", v)
-            v = v * masks["vo"]
+            v = mask_mul(v, masks["vo"])
         logits = table[relative_position_index(win, self.table_window)].transpose(2, 0, 1)  # [h, T, T]
         if dqk > 0:
             q, k = dense((h, dqk), "query")(x), dense((h, dqk), "key")(x)
             if "qk" in masks:
                 sow("qk", q)
                 sow("qk", k)
-                q, k = q * masks["qk"], k * masks["qk"]
-            logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k) / math.sqrt(self.head_dim) + logits
+                q, k = mask_mul(q, masks["qk"]), mask_mul(k, masks["qk"])
+            qk = jnp.einsum("bnqhd,bnkhd->bnhqk", q, k, preferred_element_type=jnp.float32)
+            logits = qk / math.sqrt(self.head_dim) + logits
         else:  # every qk dim removed: the logits are the position bias alone
             logits = jnp.broadcast_to(logits, (*x.shape[:2], *logits.shape))
         if mask is not None:
             logits = logits + jnp.asarray(mask)[None, :, None]
-        weights = jax.nn.softmax(logits, axis=-1)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bnhqk,bnkhd->bnqhd", weights, v)
         if "heads" in masks:
             sow("heads", out, axis=-2)
-            out = out * masks["heads"][:, None]
-        return nn.DenseGeneral(self.width, axis=(-2, -1), name="out")(out)
+            out = mask_mul(out, masks["heads"][:, None])
+        return nn.DenseGeneral(self.width, axis=(-2, -1), name="out", dtype=self.dtype)(out)
