@@ -224,7 +224,7 @@ def load_run_config(workdir: str):
     """The config a workdir was made with (config.json), validated; an SPPError names what is wrong."""
     import ml_collections
 
-    from spp_jax.run_config import add_missing_keys, validate_config
+    from spp_jax.run_config import add_missing_keys, for_this_backend, validate_config
 
     d = Path(workdir)
     f = d / "config.json"
@@ -249,5 +249,5 @@ def load_run_config(workdir: str):
             f"{f} names model.arch={arch!r}, which has no configs/{arch}.py; is it a spp_jax run?"
         )
     add_missing_keys(cfg, _load_config(str(defaults))[1])
-    validate_config(cfg)
+    validate_config(for_this_backend(cfg))
     return cfg

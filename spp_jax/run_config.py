@@ -122,6 +122,17 @@ def check_run_target(text: str) -> selection.Target:
     return target
 
 
+def for_this_backend(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A saved run config made fit for this machine: model.attention=cudnn (the fused GPU kernel) becomes
+    xla off a GPU. Both compute the same function (spp_jax.models.vit.attention_core), so a workdir searched
+    on a GPU extracts, fine-tunes and evaluates anywhere; a new run that asks for cudnn on a CPU is refused
+    by `validate_config` instead."""
+    if cfg.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        with cfg.unlocked():
+            cfg.model.attention = "xla"
+    return cfg
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Fail in the first second, not after the dense stage, on values a later stage would reject."""
     for rules in (_RULES, architecture_class(_get(cfg, "model.arch")).CONFIG_RULES,

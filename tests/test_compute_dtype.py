@@ -169,3 +169,17 @@ def test_fused_attention_padding_of_odd_lengths_is_exact(causal, t):
     gb = jax.grad(lambda *x: jnp.sum(padded(*x) * w), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_cudnn_run_config_loads_off_gpu():
+    """A workdir searched on a GPU with the fused kernel is reused here (extract, fine-tune, evaluate) with
+    the einsum core; a new run that asks for the kernel on a CPU is refused."""
+    from configs.vit import get_config
+    from spp_jax.run_config import for_this_backend, validate_config
+
+    cfg = get_config("mu")
+    cfg.model.dtype, cfg.model.attention = "bfloat16", "cudnn"
+    with pytest.raises(ConfigError, match=r"model\.attention=cudnn needs a GPU"):
+        validate_config(cfg)
+    validate_config(for_this_backend(cfg))
+    assert (cfg.model.dtype, cfg.model.attention) == ("bfloat16", "xla")
