@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import COMPUTE_DTYPES
+from spp_jax.models.vit import COMPUTE_DTYPES, compute_options
 
 INITS = ("minilm", "hf", "random")
 POOLS = ("mean", "cls")
@@ -65,7 +65,7 @@ class BertArchitecture:
         m = cfg.model
         kw = dict(
             seq_len=m.seq_len, pool=m.pool, num_classes=num_classes, mlp_mask_pre_act=m.mlp_mask_pre_act,
-            dtype=m.dtype,
+            dtype=compute_options(m)["dtype"],
         )  # fmt: skip
         if m.init == "random":
             vocab = self.tokenizer(cfg)[0].get_vocab_size()

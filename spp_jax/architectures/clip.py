@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("lit", "hf", "random")
 VARIANT_NAMES = ("mu", "lit")  # = spp_jax.models.clip.VARIANTS (checked by the tests)
@@ -84,11 +84,11 @@ class ClipArchitecture:
         """The checkpoint's (or variant's) two-tower config, both towers at the run's compute dtype."""
         import dataclasses
 
-        config, m = self._shapes(cfg), cfg.model
+        config, compute = self._shapes(cfg), compute_options(cfg.model)
         return dataclasses.replace(
             config,
-            image=dataclasses.replace(config.image, dtype=m.dtype, attention=m.attention),
-            text=dataclasses.replace(config.text, dtype=m.dtype),
+            image=dataclasses.replace(config.image, **compute),
+            text=dataclasses.replace(config.text, dtype=compute["dtype"]),
         )
 
     def _shapes(self, cfg: Any):

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("smollm2", "hf", "random")
 
@@ -68,9 +68,7 @@ class LlamaArchitecture:
             config = llama_config(m.variant)
         else:
             config = _read_checkpoint(m.init, m.init_path or "")[0]
-        return dataclasses.replace(
-            config, cost_seq_len=cfg.data.block_len - 1, dtype=m.dtype, attention=m.attention
-        )
+        return dataclasses.replace(config, cost_seq_len=cfg.data.block_len - 1, **compute_options(m))
 
     def build_adapter(self, cfg: Any, task: Any):
         from spp_jax.adapters.llama import LlamaAdapter

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import COMPUTE_DTYPES
+from spp_jax.models.vit import COMPUTE_DTYPES, compute_options
 
 INITS = ("hf", "timm", "random")
 VARIANT_NAMES = ("mu", "nano", "T", "S", "B")  # = spp_jax.models.swin.VARIANTS (checked by the tests)
@@ -76,8 +76,9 @@ class SwinArchitecture:
             num_classes = task.num_classes()
         m = cfg.model
         kw = dict(
-            image_size=m.image_size, num_classes=num_classes, droppath_rate=self._droppath(cfg), dtype=m.dtype
-        )
+            image_size=m.image_size, num_classes=num_classes, droppath_rate=self._droppath(cfg),
+            dtype=compute_options(m)["dtype"],
+        )  # fmt: skip
         if m.init == "random":
             config = swin_config(m.variant, **kw)
         else:

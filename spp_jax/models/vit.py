@@ -186,6 +186,11 @@ def check_compute(dtype: str, attention: str) -> None:
         raise ConfigError("attention='cudnn' runs in bfloat16 only; set dtype='bfloat16' or attention='xla'")
 
 
+def compute_options(model_cfg: Any) -> dict[str, str]:
+    """{"dtype", "attention"} of a run config's `model` section (float32 / xla where a config lacks them)."""
+    return {"dtype": model_cfg.get("dtype", "float32"), "attention": model_cfg.get("attention", "xla")}
+
+
 def attention_core(q: Array, k: Array, v: Array, head_dim: int, bias: Array | None = None,
                    impl: str = "xla") -> Array:  # fmt: skip
     """softmax(q k^T / sqrt(head_dim) + bias) v for q, k [B, T, heads, dqk] and v [B, T, heads, dv]; the
