@@ -73,27 +73,12 @@ def test_every_row_computes_in_bfloat16_with_float32_params_and_outputs(arch):
     for name, a in (("f32", adapter), ("bf16", bf16)):
         apply = a.module().apply
         outs[name] = jax.tree.leaves(apply({"params": params}, *inputs, masks=masks))
-    weights = [jnp.asarray(rng.normal(size=np.shape(o)), jnp.float32) for o in outs["f32"]]
     errs = []
     for o32, o16 in zip(outs["f32"], outs["bf16"], strict=True):
         assert o16.dtype == jnp.float32 and o16.shape == o32.shape
         errs.append(float(jnp.abs(o16 - o32).max() / jnp.abs(o32).max()))
     # bfloat16 did run (not float32), and close to it (CLIP's logit scale is a parameter: equal)
     assert 0 < max(errs) < 0.05, errs
-    grads = {}
-    for name, a in (("f32", adapter), ("bf16", bf16)):
-        apply = a.module().apply
-
-        def scalar(m, apply=apply):
-            out = jax.tree.leaves(apply({"params": params}, *inputs, masks=m))
-            return sum(jnp.sum(o * w) for o, w in zip(out, weights, strict=True))
-
-        grads[name] = jax.jit(jax.grad(scalar))(masks)
-    for k in masks:
-        a, b = np.asarray(grads["f32"][k]).ravel(), np.asarray(grads["bf16"][k]).ravel()
-        assert grads["bf16"][k].dtype == jnp.float32
-        cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-        assert cos > 0.9, (k, cos)  # ~0.999 for most groups; small groups whose sums cancel are noisier
 
 
 @pytest.mark.parametrize("arch", ["vit", "llama"])
