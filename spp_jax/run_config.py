@@ -17,6 +17,7 @@ import optax
 from spp_jax import baselines, selection
 from spp_jax import spp as spp_lib
 from spp_jax.architectures import ARCHITECTURES, architecture_class
+from spp_jax.compute import check_compute, compute_options
 from spp_jax.config_rules import (
     Rule,
     boolean,
@@ -141,14 +142,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             value = _get(cfg, key)
             if not ok(value):
                 raise ConfigError(f"{key}={value!r} is not allowed; use {allowed}")
-    if cfg.model.get("attention") == "cudnn":
-        if jax.default_backend() != "gpu":
-            raise ConfigError(
-                f"model.attention=cudnn needs a GPU and this backend is {jax.default_backend()}; "
-                "use model.attention=xla"
-            )
-        if cfg.model.get("dtype") != "bfloat16":
-            raise ConfigError("model.attention=cudnn runs in bfloat16 only; set model.dtype=bfloat16")
+    compute = compute_options(cfg.model)
+    if compute["attention"] == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"model.attention=cudnn needs a GPU and this backend is {jax.default_backend()}; "
+            "use model.attention=xla"
+        )
+    try:
+        check_compute(**compute)  # the combinations the model configs refuse, in the first second
+    except ConfigError as e:
+        raise ConfigError(f"model settings: {e}") from None
     try:
         make_mask_tx(cfg)
     except ConfigError as e:  # a combination the rules above do not cover (e.g. nu=inf in paper mode)

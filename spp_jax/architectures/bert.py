@@ -22,9 +22,9 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.compute import COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import COMPUTE_DTYPES, compute_options
 
 INITS = ("minilm", "hf", "random")
 POOLS = ("mean", "cls")

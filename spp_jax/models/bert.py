@@ -26,8 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import LayerDims, MaskedAttention, MaskedMlp, check_compute
+from spp_jax.models.vit import LayerDims, MaskedAttention, MaskedMlp
 
 Array = jax.Array
 

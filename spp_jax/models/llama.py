@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import _sow_mask_input, check_compute, fused_attention, mask_mul
+from spp_jax.models.vit import _sow_mask_input, fused_attention, mask_mul
 
 Array = jax.Array
 Cache = dict[str, Any]

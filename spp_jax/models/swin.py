@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
 from spp_jax.models.swin_attention import (
     WindowAttention,
@@ -36,7 +37,7 @@ from spp_jax.models.swin_attention import (
     to_windows,
     window_geometry,
 )
-from spp_jax.models.vit import DropPath, LayerDims, MaskedMlp, check_compute
+from spp_jax.models.vit import DropPath, LayerDims, MaskedMlp
 
 Array = jax.Array
 KINDS = ("qk", "vo", "mlp", "heads")

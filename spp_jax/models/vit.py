@@ -17,7 +17,7 @@ parameters, masks and their gradients stay float32; the matmuls, the activations
 run in bfloat16; LayerNorm statistics, the attention softmax and the output are float32.
 `ViTConfig.attention = "cudnn"` runs the attention core as `jax.nn.dot_product_attention`'s fused cuDNN
 kernel (GPU, bfloat16 only) wherever a block's qk and v dims are equal, elsewhere the einsum path (the same
-function); "xla" is always the einsum path.
+function); "xla" is always the einsum path. spp_jax.compute checks both options.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
 
 Array = jax.Array
@@ -170,25 +171,6 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
     if "posemb_grid" not in VARIANTS[variant] and "posemb_grid" not in overrides:
         kw["posemb_grid"] = kw.get("image_size", 224) // kw["patch_size"]
     return ViTConfig(**kw)
-
-
-COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn")
-
-
-def check_compute(dtype: str, attention: str) -> None:
-    """One-line ConfigErrors for a compute dtype / attention core a model cannot run."""
-    if dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not a compute dtype; use one of {COMPUTE_DTYPES}")
-    if attention not in ATTENTION_IMPLS:
-        raise ConfigError(f"attention={attention!r} is not an attention core; use one of {ATTENTION_IMPLS}")
-    if attention == "cudnn" and dtype == "float32":
-        raise ConfigError("attention='cudnn' runs in bfloat16 only; set dtype='bfloat16' or attention='xla'")
-
-
-def compute_options(model_cfg: Any) -> dict[str, str]:
-    """{"dtype", "attention"} of a run config's `model` section (float32 / xla where a config lacks them)."""
-    return {"dtype": model_cfg.get("dtype", "float32"), "attention": model_cfg.get("attention", "xla")}
 
 
 def attention_core(q: Array, k: Array, v: Array, head_dim: int, bias: Array | None = None,
