@@ -50,6 +50,12 @@ from absl import app, flags, logging  # noqa: E402
 from spp_jax.errors import ConfigError, Preempted, SPPError  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache, so a restarted run does not compile again; 'off' "
+    "for none. Default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/spp_jax/xla/<machine> "
+    "(spp_jax/compile_cache.py).",
+)  # fmt: skip
 _FLAG_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a tuple"}
 
@@ -171,6 +177,9 @@ def run_main(main: Callable[[list[str]], None]) -> None:
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        from spp_jax import compile_cache
+
+        compile_cache.enable(FLAGS.compilation_cache)  # before the first compile
         try:
             main(argv)
         except Preempted as e:

@@ -4,7 +4,9 @@ The `mu` search runs through `launch/train.py --until search` in a subprocess: o
 again with 20 signals at moments spread over the search (mid-step, right after a path point was handed to
 the async writer, i.e. while that point and the resume state after it are being written, and during
 start-up), rerunning after each. Every stored path point of the interrupted run must equal the
-uninterrupted run's (arrays bitwise, records exactly), and read back with its checksum. SIGTERM must save
+uninterrupted run's (arrays bitwise, records exactly), and read back with its checksum. All runs share one
+persistent compilation cache (`--compilation_cache`), which the uninterrupted run fills: the restarted
+processes run the programs it compiled. SIGTERM must save
 a resume state and exit 0 within seconds. A copied workdir resumes from another directory on its own.
 """
 
@@ -43,11 +45,16 @@ def data_env(tmp_path_factory):
     return env, tfds_dir
 
 
-def _cmd(workdir: Path, tfds_dir: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _cmd(workdir: Path, tfds_dir: Path, xla_cache: Path) -> list[str]:
     return [
         sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "vit.py:mu"),
         f"--workdir={workdir}", f"--config.data.data_dir={tfds_dir}", f"--config.search.steps={STEPS}",
-        "--until=search",
+        "--until=search", f"--compilation_cache={xla_cache}",
     ]  # fmt: skip
 
 
@@ -111,18 +118,19 @@ def _assert_same_path(ref: Path, got: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(data_env, tmp_path_factory):
+def reference(data_env, xla_cache, tmp_path_factory):
     env, tfds_dir = data_env
     wd = tmp_path_factory.mktemp("ref") / "wd"
-    subprocess.run(_cmd(wd, tfds_dir), env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(_cmd(wd, tfds_dir, xla_cache), env=env, check=True, capture_output=True, timeout=300)
+    assert any(xla_cache.iterdir())  # the run wrote its programs where --compilation_cache said
     return wd
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_signalled_20_times_resumes_to_the_same_path(reference, data_env, tmp_path, sig):
+def test_signalled_20_times_resumes_to_the_same_path(reference, data_env, xla_cache, tmp_path, sig):
     env, tfds_dir = data_env
     wd = tmp_path / "wd"
-    cmd = _cmd(wd, tfds_dir)
+    cmd = _cmd(wd, tfds_dir, xla_cache)
     expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGINT
     with open(tmp_path / "stderr.log", "wb") as log:
         codes = [_signal_at(cmd, env, wd, m, sig, log) for m in _moments(int(sig))]
@@ -139,10 +147,10 @@ def test_signalled_20_times_resumes_to_the_same_path(reference, data_env, tmp_pa
     _assert_same_path(reference, wd)
 
 
-def test_sigterm_saves_a_resume_state_and_exits_0(reference, data_env, tmp_path):
+def test_sigterm_saves_a_resume_state_and_exits_0(reference, data_env, xla_cache, tmp_path):
     env, tfds_dir = data_env
     wd = tmp_path / "wd"
-    cmd = _cmd(wd, tfds_dir)
+    cmd = _cmd(wd, tfds_dir, xla_cache)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not any(r["stage"] == "search" and r["step"] >= 23 for r in _rows(wd, t0)):
