@@ -8,7 +8,7 @@ and fine-tuned by the other launch scripts) compiles the same programs again. Wi
 runs is the same, so a resumed search stays bit for bit on its path.
 
 Where the cache lives (`resolve`):
-  `--compilation_cache=DIR`      that directory;
+  `--compilation_cache=DIR`      that directory (or a URL such as gs://bucket/xla, which needs etils);
   `--compilation_cache=off`      no cache;
   unset                          `JAX_COMPILATION_CACHE_DIR` when set, else
                                  `$XDG_CACHE_HOME/spp_jax/xla/<machine>` (`~/.cache/...`).
@@ -53,36 +53,39 @@ def default_dir() -> Path:
     return Path(base) / "spp_jax" / "xla" / machine_tag()
 
 
-def resolve(setting: str | None) -> Path | None:
-    """The cache directory for a `--compilation_cache` value (module docstring), None for `off`."""
+def resolve(setting: str | None) -> str | None:
+    """The cache location for a `--compilation_cache` value (module docstring), None for `off`.
+
+    A URL (`gs://bucket/xla`, read through etils) is kept as given; a local path is expanded.
+    """
     if setting == OFF:
         return None
-    if setting:
-        return Path(setting).expanduser()
-    env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    return Path(env).expanduser() if env else default_dir()
+    chosen = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not chosen:
+        return str(default_dir())
+    return chosen if "://" in chosen else str(Path(chosen).expanduser())
 
 
-def enable(setting: str | None = None) -> Path | None:
+def enable(setting: str | None = None) -> str | None:
     """Point JAX's persistent cache at `resolve(setting)` (or turn it off); call before the first compile.
 
-    A directory that cannot be created costs the cache, not the run: one warning line, then no cache.
+    A local directory that cannot be created costs the cache, not the run: one warning line, then no cache.
     """
     import jax
 
-    directory = resolve(setting)
-    if directory is not None:
+    location = resolve(setting)
+    if location is not None and "://" not in location:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            Path(location).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             print(
-                f"warning: compilation cache {directory} cannot be created ({e.strerror or e}); running "
+                f"warning: compilation cache {location} cannot be created ({e.strerror or e}); running "
                 "without it (give --compilation_cache=DIR with a writable DIR, or =off)",
                 file=sys.stderr,
                 flush=True,
             )
-            directory = None
-    jax.config.update("jax_enable_compilation_cache", directory is not None)
-    if directory is not None:
-        jax.config.update("jax_compilation_cache_dir", str(directory))
-    return directory
+            location = None
+    jax.config.update("jax_enable_compilation_cache", location is not None)
+    if location is not None:
+        jax.config.update("jax_compilation_cache_dir", location)
+    return location

@@ -50,11 +50,13 @@ def test_resolve_order(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     default = compile_cache.resolve(None)
-    assert default == tmp_path / "xdg" / "spp_jax" / "xla" / compile_cache.machine_tag()
+    assert default == str(tmp_path / "xdg" / "spp_jax" / "xla" / compile_cache.machine_tag())
     assert compile_cache.resolve("") == default
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-    assert compile_cache.resolve(None) == tmp_path / "env"
-    assert compile_cache.resolve(str(tmp_path / "flag")) == tmp_path / "flag"  # the flag beats the env
+    assert compile_cache.resolve(None) == str(tmp_path / "env")
+    assert compile_cache.resolve(str(tmp_path / "flag")) == str(tmp_path / "flag")  # the flag beats the env
+    assert compile_cache.resolve("gs://bucket/xla") == "gs://bucket/xla"  # a URL stays a URL
+    assert compile_cache.resolve("~/c") == str(Path.home() / "c")
     assert compile_cache.resolve("off") is None
 
 
