@@ -19,8 +19,9 @@ that share a home directory but not a CPU model must not share entries.
 
 JAX caches only programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by default)
 to compile, and it treats an entry it cannot read or write as a miss with a warning, so a broken cache never
-fails a run. In a multi-process run JAX has one process compile and write each entry. The cache directory
-is trusted: whoever can write to it can make your runs execute their code, so do not share it with others.
+fails a run. In a multi-process run only process 0 writes entries; every process reads them. The cache
+directory is trusted: whoever can write to it can make your runs execute their code, so do not share it
+with others.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ import sys
 from pathlib import Path
 
 OFF = "off"
+
+
+def _is_url(location: str) -> bool:
+    return "://" in location
 
 
 def machine_tag() -> str:
@@ -63,7 +68,7 @@ def resolve(setting: str | None) -> str | None:
     chosen = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if not chosen:
         return str(default_dir())
-    return chosen if "://" in chosen else str(Path(chosen).expanduser())
+    return chosen if _is_url(chosen) else str(Path(chosen).expanduser())
 
 
 def enable(setting: str | None = None) -> str | None:
@@ -74,7 +79,7 @@ def enable(setting: str | None = None) -> str | None:
     import jax
 
     location = resolve(setting)
-    if location is not None and "://" not in location:
+    if location is not None and not _is_url(location):
         try:
             Path(location).mkdir(parents=True, exist_ok=True)
         except OSError as e:

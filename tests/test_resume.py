@@ -6,8 +6,8 @@ the async writer, i.e. while that point and the resume state after it are being 
 start-up), rerunning after each. Every stored path point of the interrupted run must equal the
 uninterrupted run's (arrays bitwise, records exactly), and read back with its checksum. All runs share one
 persistent compilation cache (`--compilation_cache`), which the uninterrupted run fills: the restarted
-processes run the programs it compiled. SIGTERM must save
-a resume state and exit 0 within seconds. A copied workdir resumes from another directory on its own.
+processes run the programs it compiled. SIGTERM must save a resume state and exit 0 within seconds. A
+copied workdir resumes from another directory on its own.
 """
 
 from __future__ import annotations
