@@ -91,6 +91,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.distill_alpha = 0.5
     c.finetune.distill_temp = 1.0
 
+    # Recovery. "family": ONE nested fine-tune trains the weight family, an elastic checkpoint (WORKDIR/family)
+    # from which any size is cut on demand (spp_jax.stages.family); "separate": each extract.targets model is
+    # fine-tuned on its own. Each family step trains the largest and the smallest of family.targets plus
+    # members_per_step - 2 sizes drawn between them (the sandwich rule), distilled as finetune.distill says.
+    c.recovery = "family"
+    c.family = ml_collections.ConfigDict()
+    c.family.targets = ("params:0.9", "params:0.8", "params:0.7")
+    c.family.members_per_step = 3
+    c.family.steps = 30
+    c.family.lr = c.finetune.lr
+    c.family.resume_every = 10
+    c.family.eval_targets = ("params:0.9", "params:0.8", "params:0.7")
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 8
     c.eval.max_blocks = 32  # eval blocks read per model (32 x 128 = 4096 predicted tokens)
@@ -107,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.search.steps, c.search.path_every, c.search.resume_every = 20, 5, 10
             c.extract.targets = ("params:0.8",)
             c.finetune.steps, c.eval.max_blocks = 5, 16
+            c.family.steps = c.finetune.steps
         elif preset == "mu":
             c.model.variant, c.model.init = "mu", "random"
             c.data.block_len = 33
@@ -115,6 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.search.lr = 0.3
             c.extract.targets = ("params:0.7",)
             c.finetune.steps, c.finetune.batch_size = 4, 8
+            c.family.steps, c.family.resume_every = 4, 2
+            c.family.eval_targets = ("params:0.9", "params:0.5")
             c.eval.batch_size, c.eval.max_blocks, c.eval.decode_prompt, c.eval.decode_tokens = 8, 16, 4, 4
         elif preset:
             raise ValueError(f"unknown preset {preset!r} in configs/llama.py; use quick or mu")

@@ -99,6 +99,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.distill_alpha = 0.5
     c.finetune.distill_temp = 2.0
 
+    # Recovery. "family": ONE nested fine-tune trains the weight family, an elastic checkpoint (WORKDIR/family)
+    # from which any size is cut on demand (spp_jax.stages.family); "separate": each extract.targets model is
+    # fine-tuned on its own. Each family step trains the largest and the smallest of family.targets plus
+    # members_per_step - 2 sizes drawn between them (the sandwich rule), distilled as finetune.distill says.
+    c.recovery = "family"
+    c.family = ml_collections.ConfigDict()
+    c.family.targets = ("params:0.9", "params:0.8", "params:0.7", "params:0.6", "params:0.5")
+    c.family.members_per_step = 3
+    c.family.steps = 200
+    c.family.lr = c.finetune.lr
+    c.family.resume_every = 50
+    c.family.eval_targets = ("params:0.9", "params:0.8", "params:0.7", "params:0.6", "params:0.5")
+
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 500
     c.eval.throughput_batch = 64
@@ -114,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.dense.finetune_steps = 300
             c.search.steps, c.search.path_every, c.search.resume_every = 40, 10, 20
             c.finetune.steps = 40
+            c.family.steps = c.finetune.steps
         elif preset == "mu":
             c.model.variant, c.model.image_size = "mu", 16
             c.data.train_split, c.data.eval_split = "train[:256]", "test[:128]"
@@ -123,6 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.search.lr, c.search.eval_examples = 0.3, 64
             c.extract.targets = ("params:0.5", "groups:stage1=0.3")
             c.finetune.steps, c.finetune.batch_size = 4, 16
+            c.family.steps, c.family.resume_every = 4, 2
+            c.family.eval_targets = ("params:0.9", "params:0.5")
             c.eval.batch_size, c.eval.throughput_batch = 64, 8
         elif preset:
             raise ValueError(f"unknown preset {preset!r} in configs/swin.py; use quick or mu")

@@ -264,8 +264,16 @@ class ResumeStore(_Store):
         return None
 
 
-def save_model(directory: str | os.PathLike, params: Any, arch_spec: Mapping[str, Any], **meta: Any) -> None:
-    """Store a model as `params/` (orbax) + `arch_spec.json` (+ `meta.json`); the spec rebuilds it."""
+def save_model(
+    directory: str | os.PathLike,
+    params: Any,
+    arch_spec: Mapping[str, Any],
+    arrays: Mapping[str, Any] | None = None,
+    **meta: Any,
+) -> None:
+    """Store a model as `params/` (orbax) + `arch_spec.json` (+ `meta.json`); the spec rebuilds it.
+    `arrays`, a pytree of host arrays that belongs to the model (a weight family's ranking), lands in
+    `arrays/` with its own checksum (`load_arrays`)."""
     directory = Path(directory).absolute()
     primary = jax.process_index() == 0  # with several processes: every one saves (orbax), one writes JSON
     if primary:
@@ -273,10 +281,16 @@ def save_model(directory: str | os.PathLike, params: Any, arch_spec: Mapping[str
         (directory / "arch_spec.json").unlink(missing_ok=True)  # incomplete until rewritten below
     distributed.barrier("spp_jax:save_model")
     params = jax.tree.map(np.asarray, params)
+    sums = {"checksum": tree_checksum(params)}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=True)
+        if arrays is not None:
+            arrays = jax.tree.map(np.asarray, arrays)
+            ckptr.wait_until_finished()
+            ckptr.save(directory / "arrays", arrays, force=True)
+            sums["arrays_checksum"] = tree_checksum(arrays)
     if primary:
-        write_json_atomic(directory / "meta.json", {**meta, "checksum": tree_checksum(params)})
+        write_json_atomic(directory / "meta.json", {**meta, **sums})
         write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
     distributed.barrier("spp_jax:model_saved")  # every process sees the finished model
 
@@ -344,3 +358,22 @@ def load_pruned(directory: str | os.PathLike, sharding: Any = None):
     if isinstance(meta, Mapping) and "checksum" in meta and meta["checksum"] != tree_checksum(params):
         raise CheckpointMismatch(f"{directory}: params do not match their checksum (corrupt data); {redo}")
     return module, params, arch_spec
+
+
+def load_arrays(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `arrays` a `save_model` stored beside a model's params (host arrays), checked against their
+    checksum."""
+    directory = Path(directory).absolute()
+    redo = "rebuild it (launch/train.py reruns the stage that wrote it)"
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        with ocp.StandardCheckpointer() as ckptr:
+            arrays = ckptr.restore(directory / "arrays")
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        raise CheckpointMismatch(
+            f"{directory / 'arrays'} cannot be read ({_unreadable(e)}); {redo}"
+        ) from None
+    arrays = jax.tree.map(np.asarray, arrays)
+    if meta.get("arrays_checksum") != tree_checksum(arrays):
+        raise CheckpointMismatch(f"{directory / 'arrays'} does not match its checksum (corrupt data); {redo}")
+    return arrays

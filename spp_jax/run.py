@@ -25,6 +25,7 @@ from spp_jax.run_config import check_inputs, validate_config
 from spp_jax.stages.context import RunContext, make_context
 from spp_jax.stages.dense import stage_dense
 from spp_jax.stages.extract import stage_extract
+from spp_jax.stages.family import stage_family, stage_family_evaluate
 from spp_jax.stages.finetune import stage_finetune_evaluate
 from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
@@ -84,11 +85,17 @@ def _run_stages(ctx: RunContext, wd: Workdir, last: int) -> dict:
     searched = stage_search(ctx, wd, dense_params)
     if last < 2:
         return {}
-    extracted = stage_extract(ctx, wd, dense_params)
-    if last < 3:
-        return {}
-    tuned, ev = stage_finetune_evaluate(ctx, wd, extracted)
-    rep = run_report(ctx, wd, dense, searched, extracted, tuned, ev)
+    if ctx.cfg.recovery == "family":  # one elastic checkpoint, recovered once (spp_jax.stages.family)
+        if last < 3:
+            return {}
+        tuned = stage_family(ctx, wd, dense_params)
+        rep = family_report(ctx, wd, dense, searched, tuned, stage_family_evaluate(ctx, wd))
+    else:
+        extracted = stage_extract(ctx, wd, dense_params)
+        if last < 3:
+            return {}
+        tuned, ev = stage_finetune_evaluate(ctx, wd, extracted)
+        rep = run_report(ctx, wd, dense, searched, extracted, tuned, ev)
     if jax.process_index() == 0:
         report.write_report(str(wd.path), rep)
     log(f"[run] done: {wd.path / 'report.md'}")
@@ -96,30 +103,40 @@ def _run_stages(ctx: RunContext, wd: Workdir, last: int) -> dict:
 
 
 def run_report(ctx: RunContext, wd: Workdir, dense, searched, extracted, tuned, ev) -> dict:
-    """The report dict of a finished run (spp_jax.report documents its layout)."""
-    cfg, metric = ctx.cfg, ctx.task.metric
-
-    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
-        path_records = paths.records()
+    """The report dict of a finished run of separately fine-tuned members (spp_jax.report documents its
+    layout)."""
+    metric = ctx.task.metric
     targets = []
     for t in extracted["targets"]:
         r = ev["targets"][t["target"]]
         targets.append({**t, f"{metric}_finetuned": r[metric], "throughput": r["throughput"],
                         **({"extra_finetuned": r["extra"]} if "extra" in r else {})})  # fmt: skip
+    stages = {"extract": extracted["seconds"], "finetune": tuned["seconds"], "evaluate": ev["seconds"]}
+    return _report(ctx, wd, dense, searched, stages, ev["dense"]["throughput"], targets)
+
+
+def family_report(ctx: RunContext, wd: Workdir, dense, searched, tuned, ev) -> dict:
+    """The report dict of a family run: every `family.eval_targets` member, cut from WORKDIR/family."""
+    stages = {"family": tuned["seconds"], "evaluate": ev["seconds"]}
+    rep = _report(ctx, wd, dense, searched, stages, ev["dense"]["throughput"], ev["targets"])
+    f = ctx.cfg.family
+    rep["config"] = {"recovery": "family (one nested fine-tune, WORKDIR/family)", "family/steps": f.steps,
+                     "family/members_per_step": f.members_per_step, "family/drawn": ", ".join(tuned["grid"])}  # fmt: skip
+    return rep
+
+
+def _report(ctx: RunContext, wd: Workdir, dense, searched, stages, dense_throughput, targets) -> dict:
+    cfg, metric = ctx.cfg, ctx.task.metric
+    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
+        path_records = paths.records()
     rep = {
         "model": {**ctx.arch.report_model(cfg), "params": dense["params"], "macs": dense["macs"]},
         "data": ctx.task.report_data(),
         "search": {k: cfg.search[k] for k in ("mode", "lr", "steps", "batch_size")},
-        "stages": {
-            "dense": dense["seconds"],
-            "search": searched["seconds"],
-            "extract": extracted["seconds"],
-            "finetune": tuned["seconds"],
-            "evaluate": ev["seconds"],
-        },
+        "stages": {"dense": dense["seconds"], "search": searched["seconds"], **stages},
         "dense": {
             **{k: dense[k] for k in (metric, "params", "macs")},
-            "throughput": ev["dense"]["throughput"],
+            "throughput": dense_throughput,
             **({"extra": dense["extra"]} if "extra" in dense else {}),
         },
         "path": path_records,

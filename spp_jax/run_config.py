@@ -67,6 +67,11 @@ _RULES: dict[str, Rule] = {
     ),
     "extract.lasso_steps": positive_int,
     "extract.lasso_lr": positive,
+    "recovery": one_of(("family", "separate")),
+    "family.steps": positive_int,
+    "family.lr": positive,
+    "family.members_per_step": (lambda v: is_int(v) and v >= 2, "an integer >= 2"),
+    "family.resume_every": positive_int,
     "finetune.steps": positive_int,
     "finetune.batch_size": positive_int,
     "finetune.lr": positive,
@@ -156,13 +161,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         make_mask_tx(cfg)
     except ConfigError as e:  # a combination the rules above do not cover (e.g. nu=inf in paper mode)
         raise ConfigError(f"search settings: {e}") from None
-    targets = _get(cfg, "extract.targets")
-    if isinstance(targets, str) or not targets:
-        raise ConfigError(
-            f"extract.targets={targets!r} is not allowed; give a non-empty tuple, e.g. \"('params:0.5',)\""
-        )
-    for t in targets:
-        check_run_target(t)
+    for key in ("extract.targets", "family.targets", "family.eval_targets"):
+        targets = _get(cfg, key)
+        if isinstance(targets, str) or not targets:
+            raise ConfigError(
+                f"{key}={targets!r} is not allowed; give a non-empty tuple, e.g. \"('params:0.5',)\""
+            )
+        for t in targets:
+            check_run_target(t)
     s = cfg.search
     if not 1 <= s.path_every <= s.steps:
         raise ConfigError(

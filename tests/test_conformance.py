@@ -87,3 +87,73 @@ def test_saved_pruned_model_loads_and_runs_alone(name, tmp_path):
         _flat(module.apply({"params": loaded}, *inputs)),
         _apply(adapter, small, inputs, arch_spec=arch_spec),
     )
+
+
+def _random_record(spec, seed: int) -> dict:
+    """A path-shaped record with ties (t_in on a coarse grid) so that the tie-breaks are exercised."""
+    rng = np.random.default_rng(seed)
+    t_in = {g.name: rng.integers(0, 6, g.shape).astype(np.float32) for g in spec.groups}
+    for g in spec.groups:  # some entries never entered
+        t_in[g.name][rng.random(g.shape) < 0.2] = np.inf
+    return {
+        "t_in": t_in,
+        "steps_in_support": {g.name: rng.integers(0, 3, g.shape) for g in spec.groups},
+        "z": {g.name: rng.normal(size=g.shape).astype(np.float32) for g in spec.groups},
+    }
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_family_member_equals_the_extracted_model(name, tmp_path):
+    """Before any training, the member a family cuts for a target is the model extraction makes for it (the
+    same function, entries in another order; logits within 1e-5), for every target kind and round_to, also
+    after a save and a load."""
+    from spp_jax import baselines, family, selection
+
+    adapter, params, inputs = _example(name, seed=2)
+    spec = adapter.mask_spec()
+    path = _random_record(spec, 5)  # a step target reads the path's own record, not the allocated one
+    record = baselines.allocate(spec, path, "per_group")
+    fam = family.build_family(adapter, params, record, {"round_to": 2})
+    fam_path = family.build_family(adapter, params, path)
+    at_step = {**path, "gamma": {k: (v <= 3).astype(np.float32) for k, v in path["t_in"].items()}}
+    family.save_family(tmp_path / "family", fam)
+    cases = [("params:0.8", 1), ("params:0.45", 2), ("flops:0.7", 1), ("groups:0.6", 2), ("step:3", 1)]
+    for target, round_to in cases:
+        member, source = (fam_path, at_step) if target.startswith("step") else (fam, record)
+        keep = selection.select_subnetwork(spec, source, target, round_to=round_to)
+        small, arch = adapter.extract(params, keep)
+        cut, cut_arch = member.cut(target, round_to)
+        assert adapter.arch_cost(cut_arch) == adapter.arch_cost(arch)
+        np.testing.assert_allclose(
+            _apply(adapter, cut, inputs, arch_spec=cut_arch), _apply(adapter, small, inputs, arch_spec=arch),
+            atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
+        in_dense = adapter.normalize_keep(member.dense_keep(member.keep(target, round_to)))
+        for g, k in adapter.normalize_keep(keep).items():
+            np.testing.assert_array_equal(in_dense[g], k)
+    _, loaded, arch = family.load_pruned(tmp_path / "family", target="params:0.45")  # round_to 2 as saved
+    ref, ref_arch = fam.cut("params:0.45", 2)
+    assert arch == ref_arch
+    jax.tree.map(np.testing.assert_array_equal, loaded, ref)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_member_slicer_cuts_the_member_inside_jit(name):
+    """The traced cut of the nested fine-tune gives the numpy cut's arrays, and its gradient reaches only the
+    family entries the member uses."""
+    from spp_jax import baselines, family
+
+    adapter, params, inputs = _example(name, seed=1)
+    spec = adapter.mask_spec()
+    fam = family.build_family(adapter, params, baselines.allocate(spec, _random_record(spec, 7), "per_group"))
+    keep = fam.keep("params:0.6")
+    slicer, apply, arch = family.member_apply(fam, keep)
+    expected, expected_arch = fam.cut("params:0.6")
+    assert arch == expected_arch
+    got = jax.jit(slicer)(fam.params)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    out = lambda p: apply({"params": slicer(p)}, *inputs)
+    loss = lambda p: sum(jax.numpy.sum(x.astype(jax.numpy.float32) ** 2) for x in jax.tree.leaves(out(p)))
+    grads = jax.grad(loss)(jax.tree.map(jax.numpy.asarray, fam.params))
+    n_used = sum(int(np.count_nonzero(g)) for g in jax.tree.leaves(grads))
+    assert 0 < n_used <= _count(expected)

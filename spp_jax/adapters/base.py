@@ -14,12 +14,26 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import flax.linen as nn
+import numpy as np
 
 from spp_jax.errors import CheckpointMismatch
 from spp_jax.groups import KeepSet, Masks, MaskSpec
 
 Params = dict[str, Any]
 ArchSpec = dict[str, Any]
+Order = Mapping[str, Any]  # group name -> int [depth, size], each row a permutation of range(size)
+
+
+def kept_indices(keep: KeepSet, order: Order | None, group: str, layer: int, size: int) -> np.ndarray:
+    """The indices of `group`'s kept entries in `layer` (all `size` when the group is not pruned), ascending,
+    or in the sequence of `order[group][layer]` when an order is given."""
+    if group not in keep:
+        return np.arange(size)
+    kept = np.asarray(keep[group][layer], bool)
+    if order is None or group not in order:
+        return np.flatnonzero(kept)
+    seq = np.asarray(order[group][layer], np.int64)
+    return seq[kept[seq]]
 
 
 class Adapter(Protocol):
@@ -34,8 +48,20 @@ class Adapter(Protocol):
     def normalize_keep(self, keep: KeepSet) -> KeepSet: ...
 
     def extract(
-        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
-    ) -> tuple[Params, ArchSpec]: ...
+        self,
+        params: Params,
+        keep: KeepSet,
+        masks: Masks | None = None,
+        fold_masks: bool = False,
+        *,
+        order: Order | None = None,
+        source: ArchSpec | None = None,
+    ) -> tuple[Params, ArchSpec]:
+        """Slice `params` to the keep-set (algorithm.md §5). `order` (group -> int [depth, size], a
+        permutation per layer) lays the kept entries out in that order instead of ascending index (the
+        weight family, spp_jax.family); `source` is the arch spec `params` are in when it is not the dense
+        one (entries with an identity of their own, the Llama's RoPE pairs, keep it through the slicing)."""
+        ...
 
     def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]: ...
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Params, register_adapter
+from spp_jax.adapters.base import ArchSpec, Order, Params, register_adapter
 from spp_jax.adapters.bert import BertAdapter
 from spp_jax.adapters.vit import ViTAdapter
 from spp_jax.errors import CheckpointMismatch, ConfigError
@@ -161,7 +161,14 @@ class ClipAdapter:
         return out
 
     def extract(
-        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+        self,
+        params: Params,
+        keep: KeepSet,
+        masks: Masks | None = None,
+        fold_masks: bool = False,
+        *,
+        order: Order | None = None,
+        source: ArchSpec | None = None,
     ) -> tuple[Params, ArchSpec]:
         """Slice each tower by its part of `keep` (and of `masks` with `fold_masks`) with its adapter; the
         projections and the logit scale are kept as they are. Returns (params, arch spec)."""
@@ -169,14 +176,16 @@ class ClipAdapter:
             raise ConfigError("fold_masks=True needs the mask values (masks=...)")
         keep = self.normalize_keep(keep)
         keep_parts, mask_parts = split_masks(keep), split_masks(masks)
+        order_parts = split_masks(order) if order is not None else {t: None for t in TOWERS}
         new = {k: v for k, v in params.items() if k not in TOWERS}
         subs: dict[str, ArchSpec] = {}
         for tower, (sub, pruned) in self._towers().items():
             tower_params = _tower_params(params, tower)
             if pruned:
                 new[tower], subs[tower] = sub.extract(
-                    tower_params, keep_parts[tower], mask_parts[tower] if fold_masks else None, fold_masks
-                )
+                    tower_params, keep_parts[tower], mask_parts[tower] if fold_masks else None, fold_masks,
+                    order=order_parts[tower], source=source[tower] if source is not None else None,
+                )  # fmt: skip
             else:
                 new[tower], subs[tower] = tower_params, sub.dense_spec()
         return new, self._arch_spec(subs)

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Params, register_adapter
+from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
 from spp_jax.errors import CheckpointMismatch, ConfigError
 from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
 from spp_jax.models.llama import LayerDims, Llama, LlamaConfig, layers_from_json, layers_to_json
@@ -178,7 +178,14 @@ class LlamaAdapter:
         return out
 
     def extract(
-        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+        self,
+        params: Params,
+        keep: KeepSet,
+        masks: Masks | None = None,
+        fold_masks: bool = False,
+        *,
+        order: Order | None = None,
+        source: ArchSpec | None = None,
     ) -> tuple[Params, ArchSpec]:
         """Slice the dense `params` to the keep-set. Kept entries are reset to mask 1 unless `fold_masks`,
         which multiplies the continuous values of `masks` into the kept weights, so the result equals the
@@ -189,23 +196,26 @@ class LlamaAdapter:
         keep = self.normalize_keep(keep)
         mvals = {g: np.asarray(masks[g], np.float32) for g in self.groups} if fold_masks else {}
         new = {k: v for k, v in params.items() if not k.startswith("block_")}
+        src = layers_from_json(source["layers"]) if source is not None else c.dense_layers()
         layers = []
         for i in range(c.depth):
             name = f"block_{i}"
             if name not in params:
                 raise CheckpointMismatch(f"params have no {name}; they are not a depth-{c.depth} Llama")
-            new[name], dims = self._slice_block(params[name], keep, mvals, i)
+            new[name], dims = self._slice_block(params[name], keep, mvals, i, order, src[i].rope_pairs)
             layers.append(dims)
         return new, self._arch_spec(layers)
 
     def _slice_block(
-        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int
-    ) -> tuple[Params, LayerDims]:
+        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int, order: Order | None,
+        rope_pairs: Sequence[int],
+    ) -> tuple[Params, LayerDims]:  # fmt: skip
+        """One block's slices; `rope_pairs` names the RoPE pair of each of the block's qk columns."""
         c = self.config
         half, grp = c.head_dim // 2, c.group_size
 
         def idx(g: str, size: int) -> np.ndarray:
-            return np.flatnonzero(keep[g][i]) if g in keep else np.arange(size)
+            return kept_indices(keep, order, g, i, size)
 
         def scale(g: str, ix: np.ndarray) -> np.ndarray:
             return mvals[g][i][ix] if g in mvals else np.ones(len(ix), np.float32)
@@ -235,7 +245,8 @@ class LlamaAdapter:
                 "up": {"kernel": w["up"][:, mlp] * scale("mlp", mlp)},
                 "down": {"kernel": w["down"][mlp]},
             }
-        dims = LayerDims(len(kv) * grp, len(kv), tuple(int(p) for p in pairs), len(vo), len(mlp))
+        labels = tuple(int(rope_pairs[p]) for p in pairs)
+        dims = LayerDims(len(kv) * grp, len(kv), labels, len(vo), len(mlp))
         return new_block, dims
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Params, register_adapter
+from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
 from spp_jax.errors import CheckpointMismatch, ConfigError
 from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
 from spp_jax.models.swin import KINDS, SwinConfig, SwinTransformer
@@ -233,7 +233,14 @@ class SwinAdapter:
         return out
 
     def extract(
-        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+        self,
+        params: Params,
+        keep: KeepSet,
+        masks: Masks | None = None,
+        fold_masks: bool = False,
+        *,
+        order: Order | None = None,
+        source: ArchSpec | None = None,
     ) -> tuple[Params, ArchSpec]:
         """Slice the dense `params` to the keep-set (algorithm.md §5).
 
@@ -252,18 +259,18 @@ class SwinAdapter:
                 new[f"stage_{s}"] = {
                     k: v for k, v in params[f"stage_{s}"].items() if not k.startswith("block_")
                 }
-            new[f"stage_{s}"][f"block_{i}"], dims = self._slice_block(block, keep, mvals, s, i)
+            new[f"stage_{s}"][f"block_{i}"], dims = self._slice_block(block, keep, mvals, s, i, order)
             layers.append(dims)
         return new, self._arch_spec(layers)
 
     def _slice_block(
-        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], s: int, i: int
-    ) -> tuple[Params, LayerDims]:
+        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], s: int, i: int,
+        order: Order | None,
+    ) -> tuple[Params, LayerDims]:  # fmt: skip
         c = self.config
 
         def idx(g: str, size: int) -> np.ndarray:
-            name = f"stage{s}/{g}"
-            return np.flatnonzero(keep[name][i]) if name in keep else np.arange(size)
+            return kept_indices(keep, order, f"stage{s}/{g}", i, size)
 
         def scale(g: str, ix: np.ndarray) -> np.ndarray:
             name = f"stage{s}/{g}"

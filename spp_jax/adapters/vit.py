@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Params, register_adapter
+from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
 from spp_jax.errors import CheckpointMismatch, ConfigError
 from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
 from spp_jax.models.vit import (
@@ -205,7 +205,14 @@ class ViTAdapter:
         return out
 
     def extract(
-        self, params: Params, keep: KeepSet, masks: Masks | None = None, fold_masks: bool = False
+        self,
+        params: Params,
+        keep: KeepSet,
+        masks: Masks | None = None,
+        fold_masks: bool = False,
+        *,
+        order: Order | None = None,
+        source: ArchSpec | None = None,
     ) -> tuple[Params, ArchSpec]:
         """Slice the dense `params` to the keep-set (algorithm.md §5).
 
@@ -224,18 +231,18 @@ class ViTAdapter:
             name = f"encoderblock_{i}"
             if name not in params:
                 raise CheckpointMismatch(f"params have no {name}; they are not a depth-{c.depth} ViT")
-            block, dims = self._slice_block(params[name], keep, mvals, i)
+            block, dims = self._slice_block(params[name], keep, mvals, i, order)
             new[name] = block
             layers.append(dims)
         return new, self._arch_spec(layers)
 
     def _slice_block(
-        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int
+        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int, order: Order | None
     ) -> tuple[Params, LayerDims]:
         c = self.config
 
         def idx(g: str, size: int) -> np.ndarray:
-            return np.flatnonzero(keep[g][i]) if g in keep else np.arange(size)
+            return kept_indices(keep, order, g, i, size)
 
         def scale(g: str, ix: np.ndarray) -> np.ndarray:
             return mvals[g][i][ix] if g in mvals else np.ones(len(ix), np.float32)

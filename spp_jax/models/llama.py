@@ -61,7 +61,8 @@ _SIZES = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim
 @dataclasses.dataclass(frozen=True)
 class LayerDims:
     """Inner dims of one decoder block. num_heads = num_kv_heads * G (0 with the attention branch gone);
-    rope_pairs: kept RoPE pair indices (ascending), qk_dim = 2 * len(rope_pairs)."""
+    rope_pairs: the RoPE pair of each kept q/k column pair, in column order (ascending after an extraction,
+    in rank order in a weight family), qk_dim = 2 * len(rope_pairs)."""
 
     num_heads: int
     num_kv_heads: int

@@ -46,6 +46,25 @@ def ranking_record(ctx: RunContext, params: dict, name: str, seed: int) -> dict:
     return baselines.score_record(spec, scores)
 
 
+def final_ranking(
+    ctx: RunContext, wd: Workdir, params: dict, steps: set[int] = frozenset()
+) -> tuple[dict, dict[int, dict]]:
+    """The record every params / flops / groups target is selected on (the last path point, or the
+    baseline ranking `extract.ranking`, re-ranked by `extract.allocation`) and the path points of `steps`."""
+    cfg, e = ctx.cfg, ctx.cfg.extract
+    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
+        stored = paths.steps()
+        if not stored and e.ranking == "path":
+            raise CheckpointMismatch(
+                f"no path points in {paths.directory}; run the search first (launch/train.py)"
+            )
+        final = paths.arrays(stored[-1]) if e.ranking == "path" else None
+        at_step = {k: paths.arrays(k) for k in sorted(steps)}
+    if e.ranking != "path":
+        final = ranking_record(ctx, params, e.ranking, cfg.seed)
+    return baselines.allocate(ctx.adapter.mask_spec(), final, e.allocation), at_step
+
+
 def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list[dict]:
     """Select each target and save the extracted model (no re-search).
 
@@ -63,18 +82,8 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
         raise ConfigError(
             f"extract.ranking={ranking} has no path: step targets and fold_masks need ranking=path"
         )
-    with checkpoint.PathStore(wd.path / "search" / "path", read_only=True) as paths:
-        steps = paths.steps()
-        if not steps and ranking == "path":
-            raise CheckpointMismatch(
-                f"no path points in {paths.directory}; run the search first (launch/train.py)"
-            )
-        final = paths.arrays(steps[-1]) if ranking == "path" else None
-        steps_needed = {t.step for t in parsed if isinstance(t, selection.PathStep)}
-        at_step = {k: paths.arrays(k) for k in sorted(steps_needed)}
-    if ranking != "path":
-        final = ranking_record(ctx, params, ranking, cfg.seed)
-    final = baselines.allocate(spec, final, allocation)
+    steps_needed = {t.step for t in parsed if isinstance(t, selection.PathStep)}
+    final, at_step = final_ranking(ctx, wd, params, steps_needed)
     out = []
     for text, target in zip(targets, parsed, strict=True):
         record = at_step[target.step] if isinstance(target, selection.PathStep) else final
@@ -92,21 +101,13 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
             **{metric: value},
         )  # fmt: skip
         ctx.task.save_assets(directory)
-        dense_params, dense_macs = adapter.arch_cost(adapter.dense_spec())
         entry = {
             "target": text,
             "ranking": ranking,
             "allocation": allocation,
             "dir": wd.rel(directory),
-            "params": n_params,
-            "macs": macs,
-            "params_frac": n_params / dense_params,
-            "macs_frac": macs / dense_macs,
-            "layers": spec_layers(arch),
-            f"{metric}_masked": value,
+            **model_entry(ctx, small, arch, value),
         }
-        extra = ctx.task.extra_metrics(adapter.module(arch), small, ctx.eval_src)
-        entry.update({"extra_masked": extra} if extra else {})
         log(
             f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), "
             f"{2 * macs / 1e9:.3f} GFLOPs ({entry['macs_frac']:.1%}), masked {metric} {value:.4f} "
@@ -114,6 +115,24 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
         )
         out.append(entry)
     return out
+
+
+def model_entry(ctx: RunContext, params: dict, arch: dict, value: float, when: str = "masked") -> dict:
+    """A report entry's size fields (params, MACs, their fractions of dense, per-layer dims) and the task's
+    metric `value` (and extra metrics) of a model before (`when="masked"`) or after fine-tuning."""
+    adapter = ctx.adapter
+    n_params, macs = adapter.arch_cost(arch)
+    dense_params, dense_macs = adapter.arch_cost(adapter.dense_spec())
+    entry = {
+        "params": n_params,
+        "macs": macs,
+        "params_frac": n_params / dense_params,
+        "macs_frac": macs / dense_macs,
+        "layers": spec_layers(arch),
+        f"{ctx.task.metric}_{when}": value,
+    }
+    extra = ctx.task.extra_metrics(adapter.module(arch), params, ctx.eval_src)
+    return {**entry, f"extra_{when}": extra} if extra else entry
 
 
 def spec_layers(arch: dict) -> list | dict:
