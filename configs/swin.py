@@ -99,10 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.distill_alpha = 0.5
     c.finetune.distill_temp = 2.0
 
-    # Recovery. "family": ONE nested fine-tune trains the weight family, an elastic checkpoint (WORKDIR/family)
-    # from which any size is cut on demand (spp_jax.stages.family); "separate": each extract.targets model is
-    # fine-tuned on its own. Each family step trains the largest and the smallest of family.targets plus
-    # members_per_step - 2 sizes drawn between them (the sandwich rule), distilled as finetune.distill says.
+    # Recovery. "family": ONE nested fine-tune trains the weight family, an elastic checkpoint
+    # (WORKDIR/family) from which any size is cut on demand (spp_jax.stages.family); "separate": each
+    # extract.targets model is fine-tuned on its own. Each family step trains the largest and the
+    # smallest of family.targets plus members_per_step - 2 sizes drawn between them (the sandwich rule),
+    # distilled as finetune.distill says.
     c.recovery = "family"
     c.family = ml_collections.ConfigDict()
     c.family.targets = ("params:0.9", "params:0.8", "params:0.7", "params:0.6", "params:0.5")
@@ -138,6 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.extract.targets = ("params:0.5", "groups:stage1=0.3")
             c.finetune.steps, c.finetune.batch_size = 4, 16
             c.family.steps, c.family.resume_every = 4, 2
+            c.recovery = "separate"  # the run tests pin this route; tests/test_family.py runs the family
             c.family.eval_targets = ("params:0.9", "params:0.5")
             c.eval.batch_size, c.eval.throughput_batch = 64, 8
         elif preset:

@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" / "bert.py"), "A text-encoder config."
 )
 _MODEL = flags.DEFINE_string("model_dir", None, "A saved model directory (default: the config's encoder).")
+_TARGET = flags.DEFINE_string("target", None, "With a weight family (WORKDIR/family): the member to cut.")
 _TEXT = flags.DEFINE_string("text_file", None, "UTF-8 text file, one text per line.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output .npy file.", required=True)
 _MAX = flags.DEFINE_integer(
@@ -47,7 +48,7 @@ def main(argv):
         raise ConfigError(f"--out={out}: directory {out.parent} does not exist; create it first")
     from spp_jax.embed import embed_texts, load_encoder
 
-    module, params, tokenizer, special = load_encoder(_MODEL.value, _CONFIG.value)
+    module, params, tokenizer, special = load_encoder(_MODEL.value, _CONFIG.value, _TARGET.value)
     max_tokens = _MAX.value or min(256, module.config.max_len)
     emb = embed_texts(module, params, tokenizer, lines, max_tokens, _BATCH.value, special.get("pad") or 0)
     np.save(out, emb)

@@ -11,6 +11,9 @@ penalty of the run's extract.lasso_penalties; spp_jax/lasso.py); --allocation ho
 (global: one ranking over all groups, per_group: the same fraction of every group).
 Each model lands in WORKDIR/extracted/[<ranking>_]<target>[_global]/ (the ranking named unless it is the
 path, the rule unless it is per_group) and loads with spp_jax.load_pruned(dir).
+
+With --from_family the targets are cut from the run's weight family (WORKDIR/family, trained once by the
+nested fine-tune) instead: any size, no fine-tuning, into WORKDIR/family_members/<target>/.
 """
 
 from _common import load_run_config, run_main
@@ -25,6 +28,7 @@ _FOLD = flags.DEFINE_bool("fold_masks", None, "Fold mask values into kept weight
 # = spp_jax.baselines.RANKINGS (tests/test_baselines.py checks), spelled out: no jax import at flag parsing
 RANKINGS = ["path", "random", "magnitude", "taylor", "fisher", "wanda", "lasso"]
 _RANKING = flags.DEFINE_enum("ranking", None, RANKINGS, "Ranking (default: the run's).")
+_FROM_FAMILY = flags.DEFINE_bool("from_family", False, "Cut the targets from WORKDIR/family (trained).")
 _ALLOCATION = flags.DEFINE_enum(
     "allocation", None, ["global", "per_group"], "How groups share a budget (default: the run's)."
 )
@@ -54,6 +58,11 @@ def main(argv):
     validate_config(cfg)
     wd = Workdir(_WORKDIR.value)
     ctx = make_context(cfg)
+    if _FROM_FAMILY.value:
+        from spp_jax.stages.family import save_members
+
+        save_members(ctx, wd, _TARGETS.value, _ROUND_TO.value)  # logs each model
+        return
     _, params, _ = checkpoint.load_pruned(wd.path / "dense")
     extract_targets(ctx, wd, params, _TARGETS.value)  # logs each model
 

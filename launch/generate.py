@@ -12,6 +12,7 @@ from absl import flags
 from spp_jax.errors import ConfigError
 
 _MODEL = flags.DEFINE_string("model_dir", None, "A saved model directory of a causal-LM run.", required=True)
+_TARGET = flags.DEFINE_string("target", None, "With a weight family (WORKDIR/family): the member to cut.")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.", required=True)
 _NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 _TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples from softmax(logits / T).")
@@ -26,7 +27,7 @@ def main(argv):
         raise ConfigError(f"--temperature={_TEMP.value} is not allowed; use a number >= 0")
     from spp_jax.lm import generate_text, load_lm
 
-    module, params, tokenizer, special = load_lm(_MODEL.value)
+    module, params, tokenizer, special = load_lm(_MODEL.value, target=_TARGET.value)
     text, tok_per_s = generate_text(
         module, params, tokenizer, _PROMPT.value, _NEW.value, _TEMP.value, _SEED.value, special.get("eos")
     )

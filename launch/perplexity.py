@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs" / "llama.py"), "A causal-LM config."
 )
 _MODEL = flags.DEFINE_string("model_dir", None, "A saved model directory (default: the config's model).")
+_TARGET = flags.DEFINE_string("target", None, "With a weight family (WORKDIR/family): the member to cut.")
 _TEXT = flags.DEFINE_string("text_file", None, "UTF-8 text file to score.", required=True)
 _MAX = flags.DEFINE_integer("max_tokens", 1024, "Score the first N tokens of the file (N >= 2).")
 
@@ -35,7 +36,7 @@ def main(argv):
         raise ConfigError(f"--max_tokens={_MAX.value} is not allowed; use an integer >= 2")
     from spp_jax.lm import load_lm, sequence_perplexity
 
-    module, params, tokenizer, _ = load_lm(_MODEL.value, _CONFIG.value)
+    module, params, tokenizer, _ = load_lm(_MODEL.value, _CONFIG.value, _TARGET.value)
     ppl, n = sequence_perplexity(module, params, tokenizer, text_file.read_text(encoding="utf-8"), _MAX.value)
     print(f"perplexity: {ppl:.4f} ({n} tokens)")
 

@@ -1,7 +1,7 @@
 """spp_jax: Solution Path Pruning for pretrained transformers in JAX/Flax.
 
 import spp_jax
-module, params, arch_spec = spp_jax.load_pruned("workdir/finetuned/params_0.5")
+module, params, arch_spec = spp_jax.load_pruned("workdir/family", target="params:0.63")
 logits = module.apply({"params": params}, images)
 
 The names below load on first use, so `import spp_jax.errors` (every launch script, before it parses its
@@ -26,7 +26,7 @@ _EXPORTS = {
     "ViTAdapter": "spp_jax.adapters",
     "adapter_from_spec": "spp_jax.adapters",
     "keep_summary": "spp_jax.selection",
-    "load_pruned": "spp_jax.checkpoint",
+    "load_pruned": "spp_jax.family",
     "parse_target": "spp_jax.selection",
     "rank_entries": "spp_jax.selection",
     "save_model": "spp_jax.checkpoint",
@@ -71,7 +71,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from spp_jax.adapters import LlamaAdapter, SwinAdapter, ViTAdapter, adapter_from_spec
-    from spp_jax.checkpoint import PathStore, load_pruned, save_model
+    from spp_jax.checkpoint import PathStore, save_model
+    from spp_jax.family import load_pruned
     from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
     from spp_jax.selection import keep_summary, parse_target, rank_entries, select_subnetwork
     from spp_jax.spp import SPPState

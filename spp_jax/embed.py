@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax import checkpoint
 from spp_jax.errors import CheckpointMismatch, ConfigError
 
 
@@ -36,14 +35,17 @@ def encoder_for_embedding(module: Any, params: dict) -> tuple[Any, dict]:
     return BertEncoder(config, module.layers), {k: v for k, v in params.items() if k != "head"}
 
 
-def load_encoder(model_dir: str | Path | None, cfg: Any = None) -> tuple[Any, dict, Any, dict]:
+def load_encoder(
+    model_dir: str | Path | None, cfg: Any = None, target: str | None = None
+) -> tuple[Any, dict, Any, dict]:
     """(mean-pooling encoder, params, tokenizer, special ids) of a saved text model directory (dense/,
-    extracted/<t>/, finetuned/<t>/ of a text-classification run), or of the pretrained encoder `cfg` names
-    when `model_dir` is None."""
+    extracted/<t>/, finetuned/<t>/ of a text-classification run, or the member `target` of its family/), or
+    of the pretrained encoder `cfg` names when `model_dir` is None."""
+    from spp_jax.family import load_pruned
     from spp_jax.tokenizer import load_tokenizer
 
     if model_dir is not None:
-        module, params, _ = checkpoint.load_pruned(model_dir)
+        module, params, _ = load_pruned(model_dir, target)
         if not (Path(model_dir) / "tokenizer.json").exists():
             raise CheckpointMismatch(
                 f"{model_dir} has no tokenizer.json; give a model directory made by a text-classification run"

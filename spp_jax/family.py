@@ -5,7 +5,7 @@ members of a path are nested. A family stores the weights with each layer's prun
 MLP units, heads / kv groups) permuted into that ranking's order: in every layer, the entry a target keeps
 first sits first. Any member is then a prefix of each layer's axes:
 
-    member(target) = extract(family_params, keep(target))   with keep(target)[g][l] = [1]*k_gl + [0]*(n_g - k_gl)
+    member(target) = extract(family_params, keep(target)),  keep(target)[g][l] = [1]*k_gl + [0]*(n_g - k_gl)
 
 where k_gl is the count the selection keeps in group g of layer l. The stored ranking (`rank`: each family
 position's place in the global order) reproduces the selection exactly for params / flops / groups targets

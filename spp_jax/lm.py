@@ -15,17 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax import checkpoint
 from spp_jax.errors import CheckpointMismatch, ConfigError
 
 
-def load_lm(model_dir: str | Path | None, cfg: Any = None) -> tuple[Any, dict, Any, dict]:
-    """(module, params, tokenizer, special ids) of a saved causal-LM model directory, or of the pretrained
-    model `cfg` names when `model_dir` is None."""
+def load_lm(
+    model_dir: str | Path | None, cfg: Any = None, target: str | None = None
+) -> tuple[Any, dict, Any, dict]:
+    """(module, params, tokenizer, special ids) of a saved causal-LM model directory (the member `target` of
+    a weight family), or of the pretrained model `cfg` names when `model_dir` is None."""
     if model_dir is not None:
+        from spp_jax.family import load_pruned
         from spp_jax.tokenizer import load_tokenizer
 
-        module, params, _ = checkpoint.load_pruned(model_dir)
+        module, params, _ = load_pruned(model_dir, target)
         if not (Path(model_dir) / "tokenizer.json").exists():
             raise CheckpointMismatch(
                 f"{model_dir} has no tokenizer.json; give a model directory made by a causal-LM run"

@@ -87,7 +87,7 @@ def make_update(tx: optax.GradientTransformation) -> Callable:
         total = jax.tree.map(lambda *g: sum(g[1:], g[0]), *grads)
         updates, opt_state = tx.update(total, state.opt_state, state.params)
         new = NestedState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        finite = jnp.isfinite(optax.global_norm(total))
+        finite = jnp.isfinite(optax.tree.norm(total))
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         return new, (~finite).astype(jnp.int32)
 

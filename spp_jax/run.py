@@ -120,8 +120,12 @@ def family_report(ctx: RunContext, wd: Workdir, dense, searched, tuned, ev) -> d
     stages = {"family": tuned["seconds"], "evaluate": ev["seconds"]}
     rep = _report(ctx, wd, dense, searched, stages, ev["dense"]["throughput"], ev["targets"])
     f = ctx.cfg.family
-    rep["config"] = {"recovery": "family (one nested fine-tune, WORKDIR/family)", "family/steps": f.steps,
-                     "family/members_per_step": f.members_per_step, "family/drawn": ", ".join(tuned["grid"])}  # fmt: skip
+    rep["config"] = {
+        "recovery": "family (one nested fine-tune, WORKDIR/family)",
+        "family/steps": f.steps,
+        "family/members_per_step": f.members_per_step,
+        "family/drawn": ", ".join(tuned["grid"]),
+    }
     return rep
 
 

@@ -88,10 +88,11 @@ def train_family(ctx: RunContext, wd: Workdir, family: Family, grid: list[str]) 
     state_sh = sharding.fsdp_shardings(jax.eval_shape(init, family.params), mesh)
     members = [member_apply(family, family.keep(t, cfg.extract.round_to)) for t in grid]
     alpha = ft.distill_alpha if ft.distill else None
+    grad_sh = (state_sh.params, rep, rep)
     grads = [
-        jax.jit(nested.make_member_grad(s, apply, task, alpha, ft.distill_temp), out_shardings=(state_sh.params, rep, rep))
+        jax.jit(nested.make_member_grad(s, apply, task, alpha, ft.distill_temp), out_shardings=grad_sh)
         for s, apply, _ in members
-    ]  # fmt: skip
+    ]
     dense_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1]
     member_macs = [ctx.adapter.arch_cost(arch)[1] for _, _, arch in members]
     teacher, t_params = None, None
@@ -183,3 +184,20 @@ def stage_family_evaluate(ctx: RunContext, wd: Workdir) -> dict:
     out["seconds"] = time.perf_counter() - t0
     wd.save_result("family_evaluate", out)
     return out
+
+
+def save_members(ctx: RunContext, wd: Workdir, targets: list[str], round_to: int | None = None) -> None:
+    """Cut `targets` from WORKDIR/family and save each as a model of its own in
+    WORKDIR/family_members/<target>/ (loads with spp_jax.load_pruned(dir), runs without the family)."""
+    from spp_jax.workdir import target_dirname
+
+    parsed = [check_run_target(t) for t in targets]  # every target checked before any model is written
+    family = load_family(wd.path / "family")
+    round_to = family.meta.get("round_to", 1) if round_to is None else round_to
+    for text, target in zip(targets, parsed, strict=True):
+        params, arch = family.cut(target, round_to)
+        directory = wd.path / "family_members" / target_dirname(text)
+        n_params, macs = ctx.adapter.arch_cost(arch)
+        checkpoint.save_model(directory, params, arch, target=text, from_family=wd.rel(wd.path / "family"))
+        ctx.task.save_assets(directory)
+        log(f"[extract] {text}: {n_params / 1e6:.2f}M params, {2 * macs / 1e9:.3f} GFLOPs -> {directory}")

@@ -11,6 +11,7 @@ import numpy as np
 
 from spp_jax import checkpoint, finetune, sharding
 from spp_jax.errors import ConfigError, NonFiniteLoss
+from spp_jax.family import load_pruned
 from spp_jax.progress import Progress, log
 from spp_jax.stages.context import RunContext
 from spp_jax.workdir import Workdir
@@ -81,11 +82,14 @@ def finetune_model(
     return out
 
 
-def evaluate_model(ctx: RunContext, model_dir: Path, value: float | None = None) -> dict:
-    """The task's metric on the eval split (unless already known) and the measured throughput."""
+def evaluate_model(
+    ctx: RunContext, model_dir: Path, value: float | None = None, target: str | None = None
+) -> dict:
+    """The task's metric on the eval split (unless already known) and the measured throughput of a saved
+    model, or of the member `target` of a saved weight family."""
     mesh = sharding.run_mesh(ctx.cfg)  # with mesh.fsdp > 1 the weights stay sharded, as in fine-tuning
     placed = sharding.leaf_sharding(mesh) if mesh.shape[sharding.FSDP_AXIS] > 1 else None
-    module, params, _ = checkpoint.load_pruned(model_dir, sharding=placed)
+    module, params, _ = load_pruned(model_dir, target, sharding=placed)
     task = ctx.task
     if value is None:
         step = jax.jit(finetune.make_eval_step(module.apply, task))
