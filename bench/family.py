@@ -1,0 +1,170 @@
+r"""The weight family against separately fine-tuned members, on a finished run's workdir (dense + search).
+
+  python bench/family.py --workdir workdirs/vit_fmnist --name vit_fmnist --seeds 2
+
+For each seed: (a) one nested fine-tune of the family (the run's `family` settings; the seed sets the data
+order and the sizes drawn), every size then cut from it; (b) each size fine-tuned on its own with the run's
+`finetune` budget (the seed sets the data order), starting from the same cut of the untrained family, which
+is the model launch/extract.py makes. Both distil from the run's dense model as the run does. Sizes are
+`--targets` (default: the family's drawn grid plus `--undrawn`, sizes the nested fine-tune never draws by
+name). Costs are training FLOPs (teacher passes included, spp_jax.nested.step_flops) and wall seconds.
+
+Writes bench/results/family_<name>.{json,md,png}: `methods` -> family / separate -> target -> {mean, std,
+seeds}, each method's `cost_flops` and `seconds`, and `one_member_flops` (one separate fine-tune of the
+grid's middle size). Nothing in the workdir changes: scratch work goes to --scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--targets", default="", help="comma-separated sizes (default: grid + --undrawn)")
+    ap.add_argument("--undrawn", default="params:0.85,params:0.65,params:0.55")
+    ap.add_argument("--separate_targets", default="", help="sizes fine-tuned separately (default: all)")
+    ap.add_argument("--scratch", default="")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    from _common import load_run_config  # the launch scripts' config loader
+
+    from spp_jax import checkpoint, nested
+    from spp_jax.family import build_family
+    from spp_jax.stages.context import make_context
+    from spp_jax.stages.dense import evaluate_params
+    from spp_jax.stages.extract import final_ranking
+    from spp_jax.stages.family import family_grid, train_family
+    from spp_jax.stages.finetune import finetune_params
+    from spp_jax.workdir import Workdir
+
+    wd = Workdir(args.workdir)
+    cfg = load_run_config(args.workdir)
+    ctx = make_context(cfg)
+    metric = ctx.task.metric
+    _, dense, _ = checkpoint.load_pruned(wd.path / "dense")
+    record, _ = final_ranking(ctx, wd, dense)
+    fam = build_family(ctx.adapter, dense, record, {"round_to": cfg.extract.round_to})
+    grid = family_grid(ctx, fam)
+    targets = [t for t in args.targets.split(",") if t] or grid + [t for t in args.undrawn.split(",") if t]
+    separate_targets = [t for t in args.separate_targets.split(",") if t] or targets
+    cost = lambda t: ctx.adapter.arch_cost(fam.cut(t, cfg.extract.round_to)[1])
+    targets.sort(key=lambda t: cost(t)[0], reverse=True)
+    ft = cfg.finetune
+    dense_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1]
+    teacher = (ctx.adapter.module(), dense) if ft.distill else None
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="spp_family_bench_"))
+    values = {"family": {t: [] for t in targets}, "separate": {t: [] for t in separate_targets}}
+    costs, seconds = {"family": 0.0, "separate": 0.0}, {"family": 0.0, "separate": 0.0}
+    one_member = 0.0
+    for seed in range(args.seeds):
+        cfg.seed = seed
+        swd = Workdir(scratch / f"seed{seed}").create()
+        if not (swd.path / "dense").exists():
+            (swd.path / "dense").symlink_to((wd.path / "dense").absolute())
+        shutil.rmtree(swd.path / "nested", ignore_errors=True)
+        t0 = time.perf_counter()
+        params, info = train_family(ctx, swd, fam, grid)
+        seconds["family"] += time.perf_counter() - t0
+        costs["family"] += info["cost_flops"]
+        one_member = info["one_member_flops"]
+        tuned = dataclasses.replace(fam, params=params)
+        for t in targets:
+            p, arch = tuned.cut(t, cfg.extract.round_to)
+            values["family"][t].append(evaluate_params(ctx, p, arch))
+            print(f"[bench] seed {seed} family {t}: {metric} {values['family'][t][-1]:.4f}", flush=True)
+        for t in separate_targets:
+            p, arch = fam.cut(t, cfg.extract.round_to)
+            t0 = time.perf_counter()
+            module = ctx.adapter.module(arch)
+            p = finetune_params(ctx, swd, module, p, ctx.train_src, ft.steps, ft.lr, f"separate:{t}", teacher)
+            seconds["separate"] += time.perf_counter() - t0
+            costs["separate"] += ft.steps * nested.step_flops(
+                ft.batch_size, dense_macs if ft.distill else None, [cost(t)[1]]
+            )
+            values["separate"][t].append(evaluate_params(ctx, p, arch))
+            print(f"[bench] seed {seed} separate {t}: {metric} {values['separate'][t][-1]:.4f}", flush=True)
+    stats = lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": [float(x) for x in v]}
+    out = {
+        "workdir": str(wd.path),
+        "metric": metric,
+        "seeds": args.seeds,
+        "grid": grid,
+        "params_frac": {t: cost(t)[0] / ctx.adapter.arch_cost(ctx.adapter.dense_spec())[0] for t in targets},
+        "dense": wd.result("dense")[metric],
+        "methods": {m: {t: stats(v) for t, v in values[m].items() if v} for m in values},
+        "cost_flops": {m: costs[m] / args.seeds for m in costs},
+        "seconds": {m: seconds[m] / args.seeds for m in seconds},
+        "one_member_flops": one_member,
+        "family": {k: cfg.family[k] for k in ("steps", "members_per_step", "lr")},
+        "finetune_steps": ft.steps,
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"family_{args.name}"
+    checkpoint.write_json_atomic(stem.with_suffix(".json"), out)
+    stem.with_suffix(".md").write_text(render(out))
+    plot(out, stem.with_suffix(".png"))
+    print(f"[bench] wrote {stem}.json/.md/.png")
+
+
+def render(out: dict) -> str:
+    """The markdown table: one row per method, one column per size, costs in units of one member."""
+    targets = sorted(out["params_frac"], key=lambda t: -out["params_frac"][t])
+    pct = out["metric"] == "accuracy"
+    fmt = lambda s: (
+        f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if pct else f"{s['mean']:.2f} ± {s['std']:.2f}"
+    )
+    head = [
+        "method",
+        *[f"{t} ({out['params_frac'][t]:.0%})" for t in targets],
+        "FLOPs (x one member)",
+        "seconds",
+    ]
+    lines = [f"# Weight family vs separate members ({out['seeds']} seeds, {out['metric']})", ""]
+    lines += [f"Dense {out['metric']}: {out['dense']:.4f}. Drawn by name: {', '.join(out['grid'])}.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, per in out["methods"].items():
+        cells = [fmt(per[t]) if t in per else "–" for t in targets]
+        ratio = out["cost_flops"][m] / out["one_member_flops"]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio:.2f} | {out['seconds'][m]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, filename: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    scale = 100 if out["metric"] == "accuracy" else 1
+    for m, per in out["methods"].items():
+        ts = sorted(per, key=lambda t: out["params_frac"][t])
+        xs = [out["params_frac"][t] for t in ts]
+        ys, errs = [scale * per[t]["mean"] for t in ts], [scale * per[t]["std"] for t in ts]
+        ratio = out["cost_flops"][m] / out["one_member_flops"]
+        ax.errorbar(xs, ys, errs, fmt=".-", capsize=3, label=f"{m} ({ratio:.1f}x one member)")
+    ax.axhline(scale * out["dense"], color="0.6", ls=":", label="dense")
+    ax.set_xlabel("kept params (fraction of dense)")
+    ax.set_ylabel(out["metric"] + (" (%)" if scale == 100 else ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
