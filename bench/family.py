@@ -66,7 +66,7 @@ def main() -> None:
     cost = lambda t: ctx.adapter.arch_cost(fam.cut(t, cfg.extract.round_to)[1])
     targets.sort(key=lambda t: cost(t)[0], reverse=True)
     ft = cfg.finetune
-    dense_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1]
+    teacher_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1] if ft.distill else None
     teacher = (ctx.adapter.module(), dense) if ft.distill else None
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="spp_family_bench_"))
     values = {"family": {t: [] for t in targets}, "separate": {t: [] for t in separate_targets}}
@@ -94,9 +94,7 @@ def main() -> None:
             module = ctx.adapter.module(arch)
             p = finetune_params(ctx, swd, module, p, ctx.train_src, ft.steps, ft.lr, f"separate:{t}", teacher)
             seconds["separate"] += time.perf_counter() - t0
-            costs["separate"] += ft.steps * nested.step_flops(
-                ft.batch_size, dense_macs if ft.distill else None, [cost(t)[1]]
-            )
+            costs["separate"] += ft.steps * nested.step_flops(ft.batch_size, teacher_macs, [cost(t)[1]])
             values["separate"][t].append(evaluate_params(ctx, p, arch))
             print(f"[bench] seed {seed} separate {t}: {metric} {values['separate'][t][-1]:.4f}", flush=True)
     stats = lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": [float(x) for x in v]}

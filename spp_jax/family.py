@@ -235,9 +235,7 @@ class MemberSlicer:
         flat, _ = jax.tree_util.tree_flatten_with_path(family_params)
         leaves = {jax.tree_util.keystr(p): x for p, x in flat}
         return jax.tree.map(
-            lambda c: c(leaves[c.source]) if c.source in leaves else jnp.zeros(()),
-            self._plan,
-            is_leaf=lambda x: isinstance(x, _LeafCut),
+            lambda c: c(leaves[c.source]), self._plan, is_leaf=lambda x: isinstance(x, _LeafCut)
         )
 
 

@@ -169,6 +169,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             )
         for t in targets:
             check_run_target(t)
+    if len(cfg.family.targets) < 2:
+        raise ConfigError(
+            f"family.targets={tuple(cfg.family.targets)!r} needs at least two sizes (the largest and the "
+            "smallest the nested fine-tune trains)"
+        )
     s = cfg.search
     if not 1 <= s.path_every <= s.steps:
         raise ConfigError(

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from spp_jax import checkpoint, data, finetune, nested, preemption, sharding
-from spp_jax.errors import ConfigError, NonFiniteLoss
+from spp_jax.errors import NonFiniteLoss
 from spp_jax.family import Family, build_family, load_family, member_apply, save_family
 from spp_jax.progress import Progress, log
 from spp_jax.run_config import check_run_target
@@ -27,12 +27,9 @@ from spp_jax.workdir import Workdir
 
 
 def family_grid(ctx: RunContext, family: Family) -> list[str]:
-    """The sizes the nested fine-tune draws by name (`family.targets`), largest first by kept params."""
+    """The sizes the nested fine-tune draws by name (`family.targets`, checked by validate_config), largest
+    first by kept params."""
     targets = list(ctx.cfg.family.targets)
-    for t in targets:
-        check_run_target(t)
-    if len(targets) < 2:
-        raise ConfigError(f"family.targets={targets} needs at least two sizes (the largest and the smallest)")
     cost = lambda t: ctx.adapter.arch_cost(family.cut(t, ctx.cfg.extract.round_to)[1])[0]
     return sorted(targets, key=cost, reverse=True)
 
@@ -55,7 +52,7 @@ def stage_family(ctx: RunContext, wd: Workdir, dense_params: dict) -> dict:
     masked = wd.result("family_masked")
     if masked is None:  # the members before any training: what launch/extract.py gives for each target
         masked = {}
-        for t in _eval_targets(ctx):
+        for t in cfg.family.eval_targets:
             params, arch = family.cut(t, cfg.extract.round_to)
             masked[t] = evaluate_params(ctx, params, arch)
             log(f"[family] {t}: before fine-tuning {ctx.task.metric} {masked[t]:.4f}")
@@ -69,18 +66,10 @@ def stage_family(ctx: RunContext, wd: Workdir, dense_params: dict) -> dict:
     return result
 
 
-def _eval_targets(ctx: RunContext) -> list[str]:
-    return list(ctx.cfg.family.eval_targets)
-
-
 def train_family(ctx: RunContext, wd: Workdir, family: Family, grid: list[str]) -> tuple[dict, dict]:
     """The nested fine-tune of `family` over `grid` (spp_jax.nested); returns (trained params, cost info)."""
     cfg, task, f, ft = ctx.cfg, ctx.task, ctx.cfg.family, ctx.cfg.finetune
-    steps, per_step = f.steps, min(f.members_per_step, len(grid))
-    if steps < 1 or per_step < 2:
-        raise ConfigError(
-            f"family.steps={steps} and family.members_per_step={f.members_per_step} need >= 1 and >= 2"
-        )
+    steps, per_step = f.steps, min(f.members_per_step, len(grid))  # both checked by validate_config
     tx = finetune.adamw_cosine(f.lr, steps, min(ft.warmup, steps // 2), ft.weight_decay)
     mesh = sharding.run_mesh(cfg)
     rep = sharding.replicated(mesh)
@@ -93,7 +82,7 @@ def train_family(ctx: RunContext, wd: Workdir, family: Family, grid: list[str]) 
         jax.jit(nested.make_member_grad(s, apply, task, alpha, ft.distill_temp), out_shardings=grad_sh)
         for s, apply, _ in members
     ]
-    dense_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1]
+    teacher_macs = ctx.adapter.arch_cost(ctx.adapter.dense_spec())[1] if ft.distill else None
     member_macs = [ctx.adapter.arch_cost(arch)[1] for _, _, arch in members]
     teacher, t_params = None, None
     if ft.distill:
@@ -147,14 +136,10 @@ def train_family(ctx: RunContext, wd: Workdir, family: Family, grid: list[str]) 
     finally:
         resume.close()
     # training cost of the whole schedule (the same whether or not the run was resumed)
-    cost = sum(
-        nested.step_flops(ft.batch_size, dense_macs if ft.distill else None,
-                          [member_macs[m] for m in nested.draw_members(k, cfg.seed, len(grid), per_step)])
-        for k in range(1, steps + 1)
-    )  # fmt: skip
+    drawn_macs = lambda k: [member_macs[m] for m in nested.draw_members(k, cfg.seed, len(grid), per_step)]
+    cost = sum(nested.step_flops(ft.batch_size, teacher_macs, drawn_macs(k)) for k in range(1, steps + 1))
     # one separate member's fine-tune (finetune.steps of the grid's middle size), the unit of bench/family.py
-    one = ft.steps * nested.step_flops(ft.batch_size, dense_macs if ft.distill else None,
-                                       [member_macs[len(grid) // 2]])  # fmt: skip
+    one = ft.steps * nested.step_flops(ft.batch_size, teacher_macs, [member_macs[len(grid) // 2]])
     params = jax.tree.map(np.asarray, jax.device_get(state.params))
     return params, {"steps": steps, "members_per_step": per_step, "cost_flops": cost, "one_member_flops": one}
 
@@ -170,7 +155,7 @@ def stage_family_evaluate(ctx: RunContext, wd: Workdir) -> dict:
     masked = wd.result("family_masked") or {}
     _, dense_params, _ = checkpoint.load_pruned(wd.path / "dense")
     out = {"dense": {"throughput": task.throughput(ctx.adapter.module(), dense_params)}, "targets": []}
-    for t in _eval_targets(ctx):
+    for t in cfg.family.eval_targets:
         params, arch = family.cut(t, cfg.extract.round_to)
         value = evaluate_params(ctx, params, arch)
         entry = {"target": t, **model_entry(ctx, params, arch, value, "finetuned")}
