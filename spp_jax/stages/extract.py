@@ -90,7 +90,6 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
         keep = selection.select_subnetwork(spec, record, target, round_to=e.round_to)
         masks = record.get("masks") if e.fold_masks else None
         small, arch = adapter.extract(params, keep, masks=masks, fold_masks=e.fold_masks)
-        n_params, macs = adapter.arch_cost(arch)
         name = text if ranking == "path" else f"{ranking}:{text}"
         name += "" if allocation == "per_group" else f":{allocation}"  # the default rule is unmarked
         directory = wd.path / "extracted" / target_dirname(name)
@@ -109,8 +108,8 @@ def extract_targets(ctx: RunContext, wd: Workdir, params: dict, targets) -> list
             **model_entry(ctx, small, arch, value),
         }
         log(
-            f"[extract] {text}: {n_params / 1e6:.2f}M params ({entry['params_frac']:.1%}), "
-            f"{2 * macs / 1e9:.3f} GFLOPs ({entry['macs_frac']:.1%}), masked {metric} {value:.4f} "
+            f"[extract] {text}: {entry['params'] / 1e6:.2f}M params ({entry['params_frac']:.1%}), "
+            f"{2 * entry['macs'] / 1e9:.3f} GFLOPs ({entry['macs_frac']:.1%}), masked {metric} {value:.4f} "
             f"-> {directory}"
         )
         out.append(entry)
