@@ -17,6 +17,7 @@ grid's middle size). Nothing in the workdir changes: scratch work goes to --scra
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import shutil
 import sys
@@ -38,6 +39,14 @@ def main() -> None:
     ap.add_argument("--targets", default="", help="comma-separated sizes (default: grid + --undrawn)")
     ap.add_argument("--undrawn", default="params:0.85,params:0.65,params:0.55")
     ap.add_argument("--separate_targets", default="", help="sizes fine-tuned separately (default: all)")
+    ap.add_argument("--family_only", action="store_true", help="no separate members (a design trial)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config, e.g. --set family.lr=5e-5 (a design trial; repeatable)",
+    )
     ap.add_argument("--scratch", default="")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -55,6 +64,16 @@ def main() -> None:
 
     wd = Workdir(args.workdir)
     cfg = load_run_config(args.workdir)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a bare word: a string value
+            node[leaf] = value
     ctx = make_context(cfg)
     metric = ctx.task.metric
     _, dense, _ = checkpoint.load_pruned(wd.path / "dense")
@@ -63,6 +82,7 @@ def main() -> None:
     grid = family_grid(ctx, fam)
     targets = [t for t in args.targets.split(",") if t] or grid + [t for t in args.undrawn.split(",") if t]
     separate_targets = [t for t in args.separate_targets.split(",") if t] or targets
+    separate_targets = [] if args.family_only else separate_targets
     cost = lambda t: ctx.adapter.arch_cost(fam.cut(t, cfg.extract.round_to)[1])
     targets.sort(key=lambda t: cost(t)[0], reverse=True)
     ft = cfg.finetune
@@ -110,6 +130,7 @@ def main() -> None:
         "seconds": {m: seconds[m] / args.seeds for m in seconds},
         "one_member_flops": one_member,
         "family": {k: cfg.family[k] for k in ("steps", "members_per_step", "lr")},
+        "overrides": args.set,
         "finetune_steps": ft.steps,
     }
     out_dir = Path(args.out)

@@ -89,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.warmup = 5
     c.finetune.weight_decay = 0.01
     c.finetune.augment = False
-    c.finetune.distill = False
+    c.finetune.distill = True
     c.finetune.distill_alpha = 0.5
     c.finetune.distill_temp = 2.0
 

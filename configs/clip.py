@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.warmup = 10
     c.finetune.weight_decay = 0.05
     c.finetune.augment = False
-    c.finetune.distill = False
+    c.finetune.distill = True
     c.finetune.distill_alpha = 0.5
     c.finetune.distill_temp = 2.0
 

@@ -14,6 +14,7 @@ from spp_jax import checkpoint, run, search
 from spp_jax.tasks.image_text import (
     EVAL_TEMPLATES,
     TRAIN_TEMPLATES,
+    ImageText,
     captions,
     class_scores,
     multi_positive_loss,
@@ -43,6 +44,27 @@ def test_multi_positive_loss_matches_its_definition():
     want = 0.5 * (np.mean(i2t) + np.mean(t2i))
     got = multi_positive_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(text_labels))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_distillation_matches_the_teacher_similarities_both_ways():
+    rng = np.random.default_rng(1)
+
+    def outputs():
+        emb = lambda n: (e := rng.normal(size=(n, 4)).astype(np.float32)) / np.linalg.norm(e, axis=1)[:, None]
+        return emb(5), emb(7), np.float32(3.0)
+
+    student, teacher, temp = outputs(), outputs(), 2.0
+
+    def kl_rows(s, t):  # mean over rows of T^2 KL(softmax(t/T) || softmax(s/T))
+        lt, ls = _log_softmax(t / temp), _log_softmax(s / temp)
+        return temp**2 * (np.exp(lt) * (lt - ls)).sum(-1).mean()
+
+    s = student[2] * student[0] @ student[1].T
+    t = teacher[2] * teacher[0] @ teacher[1].T
+    want = 0.5 * (kl_rows(s, t) + kl_rows(s.T, t.T))  # images over captions, captions over images
+    got = ImageText().distill_loss(student, teacher, {}, temp)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert float(ImageText().distill_loss(teacher, teacher, {}, temp)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_zero_shot_uses_the_mean_prompt_of_each_class():

@@ -160,9 +160,12 @@ class ImageText(ImageClassification):
         return ((pred == batch["label"]) * valid).sum(), valid.sum()
 
     def distill_loss(self, student: Any, teacher: Any, batch: Batch, temp: float) -> jax.Array:
+        """The dense model's similarity matrix as the target, both ways as the task loss is: the KL of
+        each image's distribution over the captions and of each caption's over the batch's images."""
         from spp_jax.tasks.base import softmax_kl
 
-        return softmax_kl(contrastive_logits(student), contrastive_logits(teacher), temp)
+        s, t = contrastive_logits(student), contrastive_logits(teacher)
+        return 0.5 * (softmax_kl(s, t, temp) + softmax_kl(s.T, t.T, temp))
 
     # -- measurements ----------------------------------------------------------------------------------
     def num_classes(self) -> int:
