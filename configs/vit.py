@@ -6,7 +6,7 @@ models fine-tuned with distillation (README.md has the measured wall time):
 
   python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist
 
-Expected: dense 86.9% top-1 (probe 84.7%, then 200 fine-tuning steps); see README.md for the measured table.
+Expected: dense 86.9% top-1 (probe 84.7%, then 200 fine-tuning steps); see README.md and docs/rows/vit.md for the measured tables.
 
 Arguments after the colon pick presets: `configs/vit.py:quick` (a ~5-minute smoke run),
 `configs/vit.py:mu` (tiny random model, for tests). Scale up by overrides alone, e.g. a user DeiT-S
@@ -63,13 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Then a short full fine-tune: the probe alone (84.7%) does not beat logistic regression on raw pixels
     # (85.5%), and a pruning benchmark needs a model worth pruning. At 1e-4 Adam's first steps damaged the
     # pretrained features (one-off run: loss 0.4 -> 3.1, 83.7% after 200 steps); 200 steps at 3e-5 reach
-    # 86.9% (README).
+    # 86.9% (docs/rows/vit.md).
     c.dense.finetune_steps = 200
     c.dense.lr = 3e-5
     c.dense.augment = True  # the dense fine-tune's images are augmented as finetune.augment
 
     c.search = ml_collections.ConfigDict()
-    # curvature (this library's, the measured best: README) | official (reference code) | paper (split LBI).
+    # curvature (this library's, the measured best: docs/rows/vit.md) | official (reference code) | paper (split LBI).
     # A curvature step differentiates each example on its own (~2x an official step), so 100 steps cost
     # about what the official form's 200 do; its lr is the Z step: an entry the model keeps at M = 1 enters
     # after lam / lr = 10 steps. The official form's tuned lr was 2e-2 with 200 steps.
@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # magnitude, taylor, fisher, wanda; spp_jax/baselines.py) or "lasso" (a path of l1-penalised mask runs,
     # spp_jax/lasso.py), and how groups share a budget (global, per_group).
     c.extract.ranking = "path"
-    c.extract.allocation = "per_group"  # measured best for the baselines and the curvature path (README)
+    c.extract.allocation = "per_group"  # measured best for the baselines and the curvature path (docs/rows/vit.md)
     c.extract.score_batches = 32  # batches of search data for the taylor / fisher / wanda scores
     # lasso: one ISTA run from M = 1 per penalty, weights frozen, min L(M) + lam ||M||_1 over M >= 0.
     # Penalties and lr are in units of gbar = mean |dL/dM| at M = 1 (first batches): lam = p * gbar, step =
@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune = ml_collections.ConfigDict()
     # Distillation from the dense model: in one-off runs (seed 0), 300 steps took a 70% selection of the
     # earlier batch-mean Fisher score to 85.9% with it and 84.0% without; 200 distilled steps left the
-    # default 70% model 2.15 points under dense, 300 leave it 1.0 under (README).
+    # default 70% model 2.15 points under dense, 300 leave it 1.0 under (docs/rows/vit.md).
     c.finetune.steps = 300
     c.finetune.batch_size = 32
     c.finetune.lr = 1e-4
@@ -152,7 +152,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (README, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):

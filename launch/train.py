@@ -13,7 +13,7 @@ WORKDIR/discarded/).
 
 Several processes (TPU pod, multi-node GPU, several CPU processes): run the same command in every process
 with --distributed; JAX reads the process count and id from a TPU pod, a SLURM job or Open MPI, elsewhere
-give them (README.md, "Many processes, pods and clusters"):
+give them (docs/scaling.md, "Many processes, pods and clusters"):
 
   python launch/train.py --config configs/vit.py --workdir /shared/vit_fmnist \
       --coordinator_address=10.0.0.2:8476 --num_processes=2 --process_id=0   # and --process_id=1
