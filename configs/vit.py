@@ -6,7 +6,8 @@ models fine-tuned with distillation (README.md has the measured wall time):
 
   python launch/train.py --config configs/vit.py --workdir workdirs/vit_fmnist
 
-Expected: dense 86.9% top-1 (probe 84.7%, then 200 fine-tuning steps); see README.md and docs/rows/vit.md for the measured tables.
+Expected: dense 86.9% top-1 (probe 84.7%, then 200 fine-tuning steps); README.md and docs/rows/vit.md
+have the measured tables.
 
 Arguments after the colon pick presets: `configs/vit.py:quick` (a ~5-minute smoke run),
 `configs/vit.py:mu` (tiny random model, for tests). Scale up by overrides alone, e.g. a user DeiT-S
@@ -69,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dense.augment = True  # the dense fine-tune's images are augmented as finetune.augment
 
     c.search = ml_collections.ConfigDict()
-    # curvature (this library's, the measured best: docs/rows/vit.md) | official (reference code) | paper (split LBI).
+    # curvature (this library's, the measured best: docs/rows/vit.md) | official (reference code) |
+    # paper (split LBI).
     # A curvature step differentiates each example on its own (~2x an official step), so 100 steps cost
     # about what the official form's 200 do; its lr is the Z step: an entry the model keeps at M = 1 enters
     # after lam / lr = 10 steps. The official form's tuned lr was 2e-2 with 200 steps.
@@ -97,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # magnitude, taylor, fisher, wanda; spp_jax/baselines.py) or "lasso" (a path of l1-penalised mask runs,
     # spp_jax/lasso.py), and how groups share a budget (global, per_group).
     c.extract.ranking = "path"
-    c.extract.allocation = "per_group"  # measured best for the baselines and the curvature path (docs/rows/vit.md)
+    # per_group: the measured best for the baselines and the curvature path (docs/rows/vit.md)
+    c.extract.allocation = "per_group"
     c.extract.score_batches = 32  # batches of search data for the taylor / fisher / wanda scores
     # lasso: one ISTA run from M = 1 per penalty, weights frozen, min L(M) + lam ||M||_1 over M >= 0.
     # Penalties and lr are in units of gbar = mean |dL/dM| at M = 1 (first batches): lam = p * gbar, step =
@@ -152,7 +155,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     # Devices on the fsdp axis (a divisor of the device count): weights and AdamW states sharded over
-    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on every device.
+    # them (docs/scaling.md, "Sharding the weights (FSDP)"); 1 = data parallel, weights replicated on
+    # every device.
     c.mesh.fsdp = 1
 
     for preset in (arg or "").split(","):
