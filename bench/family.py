@@ -6,8 +6,10 @@ For each seed: (a) one nested fine-tune of the family (the run's `family` settin
 order and the sizes drawn), every size then cut from it; (b) each size fine-tuned on its own with the run's
 `finetune` budget (the seed sets the data order), starting from the same cut of the untrained family, which
 is the model launch/extract.py makes. Both distil from the run's dense model as the run does. Sizes are
-`--targets` (default: the family's drawn grid plus `--undrawn`, sizes the nested fine-tune never draws by
-name). Costs are training FLOPs (teacher passes included, spp_jax.nested.step_flops) and wall seconds.
+`--targets` and the family's drawn grid; those outside the grid (never drawn by name) are also compared with
+the straight line between their drawn neighbours. Costs are training FLOPs (teacher passes included,
+spp_jax.nested.step_flops) and wall seconds. `--separate_from` takes the separate members of an earlier
+result on the same dense model and budget instead of training them again (a family design trial).
 
 Writes bench/results/family_<name>.{json,md,png}: `methods` -> family / separate -> target -> {mean, std,
 seeds}, each method's `cost_flops` and `seconds`, and `one_member_flops` (one separate fine-tune of the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import shutil
 import sys
 import tempfile
@@ -29,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+TARGETS = ("0.9", "0.85", "0.8", "0.7", "0.65", "0.6", "0.55", "0.5")  # kept params compared by default
 
 
 def main() -> None:
@@ -36,10 +40,12 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--targets", default="", help="comma-separated sizes (default: grid + --undrawn)")
-    ap.add_argument("--undrawn", default="params:0.85,params:0.65,params:0.55")
+    ap.add_argument(
+        "--targets", default=",".join(f"params:{f}" for f in TARGETS), help="sizes besides the grid"
+    )
     ap.add_argument("--separate_targets", default="", help="sizes fine-tuned separately (default: all)")
     ap.add_argument("--family_only", action="store_true", help="no separate members (a design trial)")
+    ap.add_argument("--separate_from", default="", help="an earlier family_<name>.json: its separate members")
     ap.add_argument(
         "--set",
         action="append",
@@ -80,9 +86,15 @@ def main() -> None:
     record, _ = final_ranking(ctx, wd, dense)
     fam = build_family(ctx.adapter, dense, record, {"round_to": cfg.extract.round_to})
     grid = family_grid(ctx, fam)
-    targets = [t for t in args.targets.split(",") if t] or grid + [t for t in args.undrawn.split(",") if t]
+    targets = list(dict.fromkeys(grid + [t for t in args.targets.split(",") if t]))
     separate_targets = [t for t in args.separate_targets.split(",") if t] or targets
-    separate_targets = [] if args.family_only else separate_targets
+    earlier = json.loads(Path(args.separate_from).read_text()) if args.separate_from else None
+    if earlier is not None and (earlier["dense"], earlier["finetune_steps"]) != (
+        wd.result("dense")[metric],
+        cfg.finetune.steps,
+    ):
+        sys.exit(f"{args.separate_from}: another dense model or fine-tune budget than {args.workdir}")
+    separate_targets = [] if args.family_only or earlier else separate_targets
     cost = lambda t: ctx.adapter.arch_cost(fam.cut(t, cfg.extract.round_to)[1])
     targets.sort(key=lambda t: cost(t)[0], reverse=True)
     ft = cfg.finetune
@@ -118,6 +130,11 @@ def main() -> None:
             values["separate"][t].append(evaluate_params(ctx, p, arch))
             print(f"[bench] seed {seed} separate {t}: {metric} {values['separate'][t][-1]:.4f}", flush=True)
     stats = lambda v: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": [float(x) for x in v]}
+    methods = {m: {t: stats(v) for t, v in values[m].items() if v} for m in values}
+    if earlier is not None:
+        methods["separate"] = earlier["methods"]["separate"]
+        costs["separate"] = earlier["cost_flops"]["separate"] * args.seeds
+        seconds["separate"] = earlier["seconds"]["separate"] * args.seeds
     out = {
         "workdir": str(wd.path),
         "metric": metric,
@@ -125,7 +142,8 @@ def main() -> None:
         "grid": grid,
         "params_frac": {t: cost(t)[0] / ctx.adapter.arch_cost(ctx.adapter.dense_spec())[0] for t in targets},
         "dense": wd.result("dense")[metric],
-        "methods": {m: {t: stats(v) for t, v in values[m].items() if v} for m in values},
+        "methods": methods,
+        "separate_from": args.separate_from or None,
         "cost_flops": {m: costs[m] / args.seeds for m in costs},
         "seconds": {m: seconds[m] / args.seeds for m in seconds},
         "one_member_flops": one_member,
@@ -162,6 +180,21 @@ def render(out: dict) -> str:
         cells = [fmt(per[t]) if t in per else "–" for t in targets]
         ratio = out["cost_flops"][m] / out["one_member_flops"]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio:.2f} | {out['seconds'][m]:.0f} |")
+    fam, sep = out["methods"]["family"], out["methods"].get("separate", {})
+    scale = 100 if pct else 1
+    diff = lambda t: f"{scale * (fam[t]['mean'] - sep[t]['mean']):+.2f}" if t in sep else "–"
+    lines.append("| family − separate | " + " | ".join(diff(t) for t in targets) + " | | |")
+    lines += ["", "Sizes never drawn by name against the straight line between their drawn neighbours:", ""]
+    frac = out["params_frac"]
+    for t in targets:
+        above = [g for g in out["grid"] if frac[g] > frac[t]]
+        below = [g for g in out["grid"] if frac[g] < frac[t]]
+        if t in out["grid"] or not above or not below:
+            continue
+        hi, lo = min(above, key=frac.get), max(below, key=frac.get)
+        w = (frac[t] - frac[lo]) / (frac[hi] - frac[lo])
+        line = w * fam[hi]["mean"] + (1 - w) * fam[lo]["mean"]
+        lines.append(f"- {t}: {scale * fam[t]['mean']:.2f} against {scale * line:.2f} ({lo} to {hi})")
     return "\n".join(lines) + "\n"
 
 
