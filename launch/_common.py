@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import logging as std_logging
 import os
 import re
 import signal
@@ -172,11 +173,41 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise  # unreachable: fail() exits
 
 
+def _no_save_echoes(record: Any) -> bool:
+    """A logging filter: drop orbax's error logs with a traceback (a failed background save logs two) and
+    asyncio's "Task exception was never retrieved" for the other writes of a failed save. The error
+    itself reaches spp_jax, which reports it in one line (`SaveFailed`) or raises it."""
+    if not record.exc_info:
+        return True
+    if "orbax" in Path(record.pathname).parts:
+        return False
+    from spp_jax.errors import write_failure
+
+    return record.name != "asyncio" or write_failure(record.exc_info[1]) is None
+
+
+def _quiet_closed_loop_errors() -> None:
+    """After a failed write, the other writes of that orbax save complete on orbax's event loop, which is
+    closed by then, and each prints `RuntimeError: Event loop is closed` as an unraisable error. Those are
+    echoes of the failure spp_jax reports in one line; drop them."""
+    default = sys.unraisablehook
+
+    def unraisablehook(info: Any) -> None:
+        value = info.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            default(info)
+
+    sys.unraisablehook = unraisablehook
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
     """Run a launch script's `main` with quiet logging and the exit rules of the module docstring."""
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        for logger in (logging.get_absl_logger(), std_logging.getLogger("asyncio")):
+            logger.addFilter(_no_save_echoes)
+        _quiet_closed_loop_errors()
         from spp_jax import compile_cache
 
         compile_cache.enable(FLAGS.compilation_cache)  # before the first compile

@@ -11,6 +11,11 @@ kill leaves either the previous points or the new one, never a half-written poin
 directories are removed when a store opens. Every array save carries a SHA-256 of its arrays in its JSON
 record (`checksum`), checked on every read, so garbage that still parses is reported, not used.
 
+A failed write (a full disk, no permission) raises `SaveFailed`, one line naming what was being saved and
+where (spp_jax.errors.saving): the step being written stays a temporary directory, the points and models
+saved before stay readable, and a rerun resumes from them. A failure of orbax's background write surfaces
+at the store's next save, `wait` or `close`, named after the step it belongs to.
+
 Several processes (jax.distributed) make every save, delete and restore call together, as orbax requires:
 orbax writes each array and JSON item once (replicated ones from process 0) and commits a step after a
 barrier; the JSON files of `save_model` and the cleanup of temporary directories are process 0's, and the
@@ -19,6 +24,7 @@ others wait for it, so every process sees the same finished checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,18 +40,27 @@ import orbax.checkpoint as ocp
 
 from spp_jax import distributed
 from spp_jax.adapters import adapter_from_spec
-from spp_jax.errors import CheckpointMismatch, SPPError
+from spp_jax.errors import CheckpointMismatch, SPPError, saving
 from spp_jax.progress import log
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temp file + rename so readers never see a partial file."""
-    path = Path(path)
+    """Write JSON via a temp file + rename so readers never see a partial file (`SaveFailed` when the
+    write fails; the old file, if any, is then unchanged)."""
+    with saving(str(path)):
+        _write_json_atomic(Path(path), obj)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(x: Any) -> Any:
@@ -92,13 +107,30 @@ def _manager(
 
 
 class _Store:
-    """An orbax manager over `directory`; read-only stores never create it (an absent one is empty)."""
+    """An orbax manager over `directory`; read-only stores never create it (an absent one is empty).
+
+    Saves are asynchronous: `_pending` is the last step handed to orbax, which a background write
+    failure belongs to (it surfaces at the next save, `wait` or `close`)."""
+
+    what = "checkpoint"  # what one step is, for error messages
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None, read_only: bool):
         self.directory = Path(directory)
+        self._pending: int | None = None
         absent = read_only and not self.directory.is_dir()
         name = type(self).__name__
-        self._mngr = None if absent else _manager(self.directory, max_to_keep, read_only, name)
+        with saving(f"{self.what}s to {self.directory}"):
+            self._mngr = None if absent else _manager(self.directory, max_to_keep, read_only, name)
+
+    def _saving(self, step: int | None) -> contextlib.AbstractContextManager[None]:
+        return saving(f"{self.what} {step} to {self.directory}" if step is not None else str(self.directory))
+
+    def _save(self, step: int, args: ocp.args.Composite) -> None:
+        with self._saving(self._pending):  # the previous save's background write, if it failed
+            self._mngr.wait_until_finished()
+        self._pending = step
+        with self._saving(step):
+            self._mngr.save(step, args=args, force=True)
 
     def steps(self) -> list[int]:
         if self._mngr is None:
@@ -115,11 +147,13 @@ class _Store:
 
     def wait(self) -> None:
         if self._mngr is not None:
-            self._mngr.wait_until_finished()
+            with self._saving(self._pending):
+                self._mngr.wait_until_finished()
 
     def close(self) -> None:
         if self._mngr is not None:
-            self._mngr.close()
+            with self._saving(self._pending):
+                self._mngr.close()
 
     def __enter__(self):
         return self
@@ -153,6 +187,8 @@ def _targets(directory: Path, sharding: Any = None) -> Any:
 class PathStore(_Store):
     """Path points: `save(step, arrays, record)`, `steps()`, `record(step)`, `arrays(step)`."""
 
+    what = "path point"
+
     def __init__(self, directory: str | os.PathLike, read_only: bool = False):
         super().__init__(directory, None, read_only)
 
@@ -160,7 +196,7 @@ class PathStore(_Store):
         arrays = jax.tree.map(np.asarray, dict(arrays))
         record = {**record, "step": int(step), "checksum": tree_checksum(arrays)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), record=ocp.args.JsonSave(record))
-        self._mngr.save(int(step), args=args, force=True)
+        self._save(int(step), args)
 
     def _corrupt(self, step: int, what: str) -> CheckpointMismatch:
         return CheckpointMismatch(
@@ -209,13 +245,15 @@ class PathStore(_Store):
 class ResumeStore(_Store):
     """Latest search states (state pytree + JSON extras such as the data iterator position)."""
 
+    what = "resume state"
+
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, read_only: bool = False):
         super().__init__(directory, max_to_keep, read_only)
 
     def save(self, step: int, state: Any, extras: Mapping[str, Any]) -> None:
         extras = {**extras, "step": int(step), "checksum": tree_checksum(jax.device_get(state))}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
-        self._mngr.save(int(step), args=args, force=True)
+        self._save(int(step), args)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -273,8 +311,15 @@ def save_model(
 ) -> None:
     """Store a model as `params/` (orbax) + `arch_spec.json` (+ `meta.json`); the spec rebuilds it.
     `arrays`, a pytree of host arrays that belongs to the model (a weight family's ranking), lands in
-    `arrays/` with its own checksum (`load_arrays`)."""
-    directory = Path(directory).absolute()
+    `arrays/` with its own checksum (`load_arrays`). A failed write raises `SaveFailed` and leaves the
+    model incomplete (no arch_spec.json), so a rerun saves it again."""
+    with saving(f"the model to {directory}"):
+        _save_model(Path(directory).absolute(), params, arch_spec, arrays, meta)
+
+
+def _save_model(
+    directory: Path, params: Any, arch_spec: Mapping[str, Any], arrays: Mapping[str, Any] | None, meta: dict
+) -> None:
     primary = jax.process_index() == 0  # with several processes: every one saves (orbax), one writes JSON
     if primary:
         directory.mkdir(parents=True, exist_ok=True)
@@ -290,8 +335,8 @@ def save_model(
             ckptr.save(directory / "arrays", arrays, force=True)
             sums["arrays_checksum"] = tree_checksum(arrays)
     if primary:
-        write_json_atomic(directory / "meta.json", {**meta, **sums})
-        write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
+        _write_json_atomic(directory / "meta.json", {**meta, **sums})
+        _write_json_atomic(directory / "arch_spec.json", dict(arch_spec))  # written last: marks completion
     distributed.barrier("spp_jax:model_saved")  # every process sees the finished model
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from spp_jax.errors import saving
+
 
 def log(msg: str) -> None:
     if jax.process_index() == 0:
@@ -57,8 +59,12 @@ class MetricWriter:
             return
         row = {"stage": stage, "step": int(step), "time": time.time()}
         row.update({k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = (json.dumps(row) + "\n").encode()
+        with saving(f"metrics to {self.path}"), open(self.path, "ab+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
+                line = b"\n" + line  # a line a kill or a full disk cut short stays apart (readers skip it)
+            f.write(line)
 
     def drop_after(self, stages: tuple[str, ...], step: int) -> None:
         """Drop rows of `stages` past `step` and lines a kill cut short (a resumed run replays them)."""
@@ -76,5 +82,6 @@ class MetricWriter:
                 kept.append(line)
         if changed:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, self.path)
+            with saving(f"metrics to {self.path}"):
+                tmp.write_text("".join(f"{line}\n" for line in kept))
+                os.replace(tmp, self.path)

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from spp_jax import checkpoint, preemption, report
-from spp_jax.errors import ConfigError
+from spp_jax.errors import ConfigError, saving
 from spp_jax.progress import log
 from spp_jax.run_config import check_inputs, validate_config
 from spp_jax.stages.context import RunContext, make_context
@@ -58,9 +58,11 @@ def run_all(
     `until` stops before the report).
 
     Everything that can be checked without running a stage (config values, data, model, the workdir's
-    fingerprint) is checked before the workdir is created or changed. SIGTERM/SIGINT raise `Preempted`
-    after saving a resume state (see `spp_jax.preemption`). `fresh_search` moves an existing search (and
-    what was derived from it) to `discarded/` and starts a new one, e.g. after a NaN loss.
+    fingerprint) is checked before the workdir is created or changed; a workdir another live run holds is
+    refused (`WorkdirInUse`), and a failed write (a full disk) stops the run with `SaveFailed`.
+    SIGTERM/SIGINT raise `Preempted` after saving a resume state (see `spp_jax.preemption`).
+    `fresh_search` moves an existing search (and what was derived from it) to `discarded/` and starts a
+    new one, e.g. after a NaN loss.
     """
     validate_config(cfg)
     if until not in STAGES:
@@ -69,12 +71,15 @@ def run_all(
     ctx = make_context(cfg)
     check_inputs(ctx, dense_done=wd.result("dense") is not None)
     wd.create()
-    wd.check_fingerprint(fingerprint(ctx), fresh_search=fresh_search)
-    if jax.process_index() == 0:  # only once the workdir is known to be this run's
-        checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
-    log(f"[run] {jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} processes")
-    with preemption.stop_signals():
-        return _run_stages(ctx, wd, STAGES.index(until))
+    with wd.lock():  # a second run on this workdir is refused (WorkdirInUse) before it changes anything
+        wd.check_fingerprint(fingerprint(ctx), fresh_search=fresh_search)
+        if jax.process_index() == 0:  # only once the workdir is known to be this run's
+            checkpoint.write_json_atomic(wd.path / "config.json", cfg.to_dict())
+            wd.sign_lock()
+        devices = f"{jax.device_count()} devices ({jax.devices()[0].platform})"
+        log(f"[run] {devices}, {jax.process_count()} processes")
+        with preemption.stop_signals():
+            return _run_stages(ctx, wd, STAGES.index(until))
 
 
 def _run_stages(ctx: RunContext, wd: Workdir, last: int) -> dict:
@@ -97,7 +102,8 @@ def _run_stages(ctx: RunContext, wd: Workdir, last: int) -> dict:
         tuned, ev = stage_finetune_evaluate(ctx, wd, extracted)
         rep = run_report(ctx, wd, dense, searched, extracted, tuned, ev)
     if jax.process_index() == 0:
-        report.write_report(str(wd.path), rep)
+        with saving(f"the report to {wd.path}"):
+            report.write_report(str(wd.path), rep)
     log(f"[run] done: {wd.path / 'report.md'}")
     return rep
 

@@ -11,22 +11,32 @@
 
 Every path stored inside the workdir (results, model metadata) is relative to the workdir, so a workdir
 can be moved or copied and resumed from any current directory; a copy never touches the original.
+
+A training run holds `.lock` (an fcntl.flock, `Workdir.lock`): a second run on the same workdir is refused
+in one line naming the holder's pid and host. The kernel drops the lock when its process ends in any way
+(kill -9 included), so there is no stale lock to clean up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from spp_jax import checkpoint, distributed
-from spp_jax.errors import CheckpointMismatch, ConfigError
+from spp_jax.errors import CheckpointMismatch, ConfigError, SPPError, WorkdirInUse, saving
 from spp_jax.progress import MetricWriter, log
 
 # Fingerprint sections a new search may change (with --fresh_search, or freely while the search has no
@@ -37,6 +47,8 @@ _SEARCH_OUTPUTS = ("search", "extracted", "finetuned", "report.json", "report.md
                    "accuracy_vs_params.png", "perplexity_vs_params.png")  # fmt: skip
 _SEARCH_RESULTS = ("search", "extract", "finetune", "evaluate")
 _DIFF_ORDER = ("model", "data", "mask_spec")  # fingerprint sections in the order a mismatch names them
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # workdirs this process has locked -> the lock file's descriptor
 
 
 class Workdir:
@@ -49,8 +61,71 @@ class Workdir:
     def create(self) -> Workdir:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"workdir {self.path} is a file, not a directory; give another --workdir")
-        self.path.mkdir(parents=True, exist_ok=True)
+        with saving(f"the workdir {self.path}"):
+            self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    # -- one run at a time ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the workdir's lock for the block, or raise `WorkdirInUse` if a live run holds it.
+
+        An exclusive `fcntl.flock` on WORKDIR/.lock, which the kernel releases when the process ends
+        (kill -9 included). It only opens the file: `sign_lock` writes this run's pid and host into it
+        once the run is known to be valid, so a refused run leaves the workdir as it was. Process 0 locks
+        for a multi-process run (its processes share the workdir) and tells the others the outcome. The
+        lock is re-entrant within one process.
+        """
+        key = self.path.absolute()
+        mine = jax.process_index() == 0 and key not in _held
+        refused = None
+        if mine:
+            try:
+                _held[key] = self._take_lock()
+            except SPPError as e:
+                refused, mine = e, False
+        if jax.process_count() > 1:  # every process learns whether process 0 got the lock
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+                refused = WorkdirInUse(
+                    f"workdir {self.path} is in use by a running run; wait for it to end, or give another "
+                    "--workdir"
+                )
+        if refused is not None:
+            raise refused
+        try:
+            yield
+        finally:
+            if mine:
+                os.close(_held.pop(key))  # releases the lock
+
+    def _take_lock(self) -> int:
+        f = self.path / LOCK_FILE
+        with saving(f"the lock file {f}"):
+            fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem
+                log(f"[run] cannot lock {f} ({os.strerror(e.errno)}); not guarding against a second run")
+                return fd
+            os.close(fd)
+            raise WorkdirInUse(
+                f"workdir {self.path} is in use by a running run{_holder(f)}; wait for it to end (or stop "
+                "it), or give another --workdir"
+            ) from None
+        return fd
+
+    def sign_lock(self) -> None:
+        """Write this process's pid and host into the held lock file (named when another run is refused)."""
+        fd = _held.get(self.path.absolute())
+        if fd is not None:
+            text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+            with saving(f"the lock file {self.path / LOCK_FILE}"):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, text.encode() + b"\n", 0)
 
     # -- paths ------------------------------------------------------------------------------------------
 
@@ -161,6 +236,15 @@ class Workdir:
                 moved.append(f"results/{r.name}")
         if moved:
             log(f"[run] --fresh_search: moved {', '.join(moved)} to {dest}")
+
+
+def _holder(lock_file: Path) -> str:
+    """The "(pid N on host H)" part of the message, from a lock file a run signed ("" if none did)."""
+    try:
+        info = json.loads(lock_file.read_text())
+        return f" (pid {int(info['pid'])} on host {info['host']})"
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
 
 
 def _is_step_dir(p: Path) -> bool:

@@ -814,6 +814,20 @@ def errors_table(rs) -> str:
         "--config.search.lr plus --fresh_search (the old search moves to discarded/), or check the input "
         "data` (without `--fresh_search` when no point was saved yet); `tests/test_run.py` runs that advice.",
         "",
+        "A second `launch/train.py` on a workdir that a live run holds is refused the same way, before it"
+        " changes anything: `error: workdir WORKDIR is in use by a running run (pid N on host H); wait "
+        "for it to end (or stop it), or give another --workdir`. The lock (`WORKDIR/.lock`, an "
+        "`fcntl.flock`) ends with its process, so a killed run leaves none behind; `tests/test_faults.py`"
+        " checks both.",
+        "",
+        "A full disk while saving stops the run the same way: `error: disk full while saving path point K"
+        " to WORKDIR/search/path (No space left on device); free space on that disk, then rerun the same "
+        "command to resume (everything saved before is intact)` (or `resume state K to "
+        "WORKDIR/search/resume`, `the model to WORKDIR/dense`, ...; another failed write reads `cannot "
+        "save ... (<cause>); fix that (permissions, disk), then ...`). The points and models saved before"
+        " stay readable and the rerun resumes; `tests/test_faults.py` fills the disk during each kind of "
+        "save.",
+        "",
         "The table is the measured output of `tests/test_bad_input.py` (one row per case; `WORKDIR` is the "
         "run's `--workdir`, `DATA_DIR` the tfds `data_dir`); regenerate it with "
         "`SPP_WRITE_ERRORS_TABLE=1 python -m pytest tests/test_bad_input.py`.",

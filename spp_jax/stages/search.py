@@ -144,8 +144,10 @@ def stage_search(ctx: RunContext, wd: Workdir, params: dict) -> dict:
         paths.wait()
         points = paths.steps()
     finally:  # let in-flight async saves finish, also when the run stops with an error
-        paths.close()
-        resume.close()
+        try:
+            paths.close()
+        finally:
+            resume.close()
     result = {"steps": s.steps, "points": points, "seconds": time.perf_counter() - t0}
     result["seconds_per_step"] = result["seconds"] / max(s.steps - start, 1)
     wd.save_result("search", result)
