@@ -48,7 +48,7 @@ from flax import traverse_util
 from spp_jax import selection
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
-from spp_jax.tasks import Task, default_task
+from spp_jax.task import Task, default_task
 
 SCORES = ("random", "magnitude", "taylor", "fisher", "wanda")
 RANKINGS = ("path", *SCORES, "lasso")

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from spp_jax.tasks import Task, default_task
+from spp_jax.task import Task, default_task
 
 Params = Any
 

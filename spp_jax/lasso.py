@@ -42,7 +42,7 @@ import numpy as np
 
 from spp_jax.errors import ConfigError
 from spp_jax.groups import MaskSpec
-from spp_jax.tasks import Task, default_task, model_loss
+from spp_jax.task import Task, default_task, model_loss
 
 Batches = Callable[[], Iterable[Mapping[str, Any]]]
 

@@ -51,7 +51,7 @@ def load_lm(
 
 def sequence_perplexity(module, params, tokenizer, text: str, max_tokens: int) -> tuple[float, int]:
     """(perplexity of the first `max_tokens` tokens of `text` as one sequence, tokens scored + 1)."""
-    from spp_jax.tasks.causal_lm import next_token_nll
+    from spp_jax.task import next_token_nll
 
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens], np.int32)
     if len(ids) < 2:

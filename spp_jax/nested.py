@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spp_jax.tasks import Task
+from spp_jax.task import Task
 
 Params = Any
 

@@ -28,7 +28,7 @@ import optax
 from spp_jax import spp as spp_lib
 from spp_jax.errors import ConfigError
 from spp_jax.groups import Masks, MaskSpec
-from spp_jax.tasks import Task, default_task, model_loss
+from spp_jax.task import Task, default_task, model_loss
 
 Params = Any
 ApplyFn = Callable[..., jax.Array]  # apply_fn({"params": p}, *task.inputs(batch), masks=..., train=...)

@@ -29,7 +29,10 @@ class Architecture(Protocol):
     name: str
     CONFIG_RULES: dict
 
-    def build_adapter(self, cfg: Any, task: Any) -> Any: ...
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None) -> Any:
+        """The adapter of the model `cfg` describes; a class head has `num_classes` classes (the run
+        passes the task's, spp_jax.stages.context), or, when None, as many as `task.num_classes()` says."""
+        ...
 
     def load_pretrained(self, cfg: Any, adapter: Any) -> dict: ...
 

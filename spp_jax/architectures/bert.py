@@ -10,9 +10,9 @@ used and the variant is only a label), model.init:
           vocabulary size (for tests)
 model.seq_len (tokens per text: the length the model runs and is costed at), model.pool (mean | cls),
 model.groups (qk, vo, mlp, heads), model.mlp_mask_pre_act, model.dtype (float32 | bfloat16: compute dtype).
-The encoder is a classifier here: its task says
-how many classes (`task.num_classes()`) and the head starts at zeros (a probe head is fitted on the
-features of `feature_module`).
+The encoder is a classifier here: its task says how many classes (`task.num_classes()`, which the run hands
+to `build_adapter`) and the head starts at zeros (a probe head is fitted on the features of
+`feature_module`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.architectures.vit import head_classes
 from spp_jax.compute import COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, boolean, one_of, positive_int
 from spp_jax.errors import ConfigError
@@ -74,12 +75,11 @@ class BertArchitecture:
         self.check_init(cfg)
         return dataclasses.replace(_read_checkpoint(m.init, m.init_path or "")[0], **kw)
 
-    def build_adapter(self, cfg: Any, task: Any, num_classes: int | None = None):
-        """The run's encoder; `num_classes=None` asks the task (the dataset's metadata)."""
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None):
+        """The run's encoder with a `num_classes`-class head (the run passes its task's; None asks `task`)."""
         from spp_jax.adapters.bert import BertAdapter
 
-        if num_classes is None:
-            num_classes = task.num_classes()
+        num_classes = head_classes(self.name, task, num_classes)
         return BertAdapter(self._config(cfg, num_classes), tuple(cfg.model.groups))
 
     def check_init(self, cfg: Any) -> None:

@@ -121,8 +121,8 @@ class ClipArchitecture:
         )
         return dataclasses.replace(config, text=text)
 
-    def build_adapter(self, cfg: Any, task: Any = None):
-        """The run's two-tower model (the task has no classes to give)."""
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None):
+        """The run's two-tower model (no class head: `task` and `num_classes` are not read)."""
         from spp_jax.adapters.clip import ClipAdapter
 
         m = cfg.model

@@ -70,7 +70,8 @@ class LlamaArchitecture:
             config = _read_checkpoint(m.init, m.init_path or "")[0]
         return dataclasses.replace(config, cost_seq_len=cfg.data.block_len - 1, **compute_options(m))
 
-    def build_adapter(self, cfg: Any, task: Any):
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None):
+        """The run's decoder (no class head: `task` and `num_classes` are not read)."""
         from spp_jax.adapters.llama import LlamaAdapter
 
         return LlamaAdapter(self._config(cfg), tuple(cfg.model.groups))

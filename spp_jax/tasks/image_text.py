@@ -28,7 +28,7 @@ on the train split); `dense.finetune_steps` > 0 then trains every weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,8 @@ import numpy as np
 import optax
 
 from spp_jax.config_rules import Rule, boolean, nonneg, positive, positive_int
-from spp_jax.tasks.base import Batch
+from spp_jax.task import Batch, TaskContext, softmax_kl
 from spp_jax.tasks.image_classification import ImageClassification, measure_throughput
-
-if TYPE_CHECKING:
-    from spp_jax.stages.context import RunContext
 
 # Fashion-MNIST's classes as a caption says them (label order of the dataset).
 CLASS_PHRASES = (
@@ -106,6 +103,7 @@ class ImageText(ImageClassification):
     name = "image_text"
     throughput_unit = "img/s"
     per_example_loss = False  # captions are shared by the batch: curvature needs micro-batches
+    needs_tokenizer = True
 
     def __init__(self, cfg: Any = None, tokenizer: Any = None, phrases: Sequence[str] = CLASS_PHRASES):
         super().__init__(cfg)
@@ -115,11 +113,13 @@ class ImageText(ImageClassification):
 
     # -- captions --------------------------------------------------------------------------------------
     def tokenizer(self) -> tuple[Any, dict]:
-        """(tokenizer, special ids) of the text tower (the architecture's `tokenizer(cfg)`), loaded once."""
+        """(tokenizer, special ids) of the text tower, as the task was built with (the run hands it the
+        architecture's `tokenizer(cfg)`, spp_jax.stages.context)."""
         if self._tokenizer is None:
-            from spp_jax.architectures import build_architecture
-
-            self._tokenizer = build_architecture(self.cfg).tokenizer(self.cfg)
+            raise ValueError(
+                f"the {self.name} task reads text and was built without a tokenizer; build it with "
+                "tokenizer=arch.tokenizer(cfg), as spp_jax.stages.context.make_context does"
+            )
         return self._tokenizer
 
     def caption_tokens(self, which: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +162,6 @@ class ImageText(ImageClassification):
     def distill_loss(self, student: Any, teacher: Any, batch: Batch, temp: float) -> jax.Array:
         """The dense model's similarity matrix as the target, both ways as the task loss is: the KL of
         each image's distribution over the captions and of each caption's over the batch's images."""
-        from spp_jax.tasks.base import softmax_kl
-
         s, t = contrastive_logits(student), contrastive_logits(teacher)
         return 0.5 * (softmax_kl(s, t, temp) + softmax_kl(s.T, t.T, temp))
 
@@ -209,7 +207,7 @@ class ImageText(ImageClassification):
         save_tokenizer(directory, tok, special)
 
     # -- dense model -----------------------------------------------------------------------------------
-    def prepare_dense(self, ctx: RunContext, params: dict) -> dict:
+    def prepare_dense(self, ctx: TaskContext, params: dict) -> dict:
         """LiT: frozen pretrained towers, projections + temperature fitted on cached features (module
         docstring)."""
         from spp_jax.models.bert import BertEncoder

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from spp_jax.config_rules import Rule, one_of
-from spp_jax.tasks.base import Batch
+from spp_jax.task import Batch
 from spp_jax.tasks.classification import Classification, measure_throughput
 
 DATASETS = ("bbc_news",)
@@ -37,6 +37,7 @@ class TextClassification(Classification):
     }
     name = "text_classification"
     throughput_unit = "seq/s"
+    needs_tokenizer = True
 
     def __init__(self, cfg: Any = None, tokenizer: Any = None):
         super().__init__(cfg)
@@ -47,11 +48,13 @@ class TextClassification(Classification):
 
     # -- data ------------------------------------------------------------------------------------------
     def tokenizer(self) -> tuple[Any, dict]:
-        """(tokenizer, special ids) of the run's model (the architecture's `tokenizer(cfg)`), loaded once."""
+        """(tokenizer, special ids) of the run's model, as the task was built with (the run hands it the
+        architecture's `tokenizer(cfg)`, spp_jax.stages.context)."""
         if self._tokenizer is None:
-            from spp_jax.architectures import build_architecture
-
-            self._tokenizer = build_architecture(self.cfg).tokenizer(self.cfg)
+            raise ValueError(
+                f"the {self.name} task reads text and was built without a tokenizer; build it with "
+                "tokenizer=arch.tokenizer(cfg), as spp_jax.stages.context.make_context does"
+            )
         return self._tokenizer
 
     def _source(self, split: str):
