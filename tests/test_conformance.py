@@ -4,12 +4,15 @@ instance (`Architecture.tiny_example`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from spp_jax import checkpoint
 from spp_jax.architectures import ARCHITECTURES, architecture_class
+from spp_jax.errors import ConfigError
 
 ARCHS = sorted(ARCHITECTURES)
 
@@ -36,6 +39,19 @@ def test_all_ones_masks_give_the_dense_function(name):
     adapter, params, inputs = _example(name)
     dense = _apply(adapter, params, inputs)
     np.testing.assert_array_equal(_apply(adapter, params, inputs, adapter.mask_spec().init_masks()), dense)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_duplicate_mask_groups_are_a_one_line_config_error(name):
+    """Every adapter refuses a mask group named twice (its masks would be one entry), as it refuses an
+    unknown one; a two-tower adapter in either tower."""
+    adapter, _, _ = _example(name)
+    fields = [f for f in ("groups", "image_groups", "text_groups") if hasattr(adapter, f)]
+    for field in fields:
+        groups = getattr(adapter, field) or ("qk",)
+        with pytest.raises(ConfigError, match="mask groups") as err:
+            dataclasses.replace(adapter, **{field: (*groups, groups[0])})
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -1,11 +1,25 @@
-"""Architecture adapters: one per architecture, the only code that knows a model's param layout."""
+"""Architecture adapters: one per architecture, the only code that knows a model's param layout.
 
-from spp_jax.adapters.base import Adapter, adapter_from_spec, register_adapter
-from spp_jax.adapters.bert import BertAdapter
-from spp_jax.adapters.clip import ClipAdapter
-from spp_jax.adapters.llama import LlamaAdapter
-from spp_jax.adapters.swin import SwinAdapter
-from spp_jax.adapters.vit import ViTAdapter
+The names below load on first use (as spp_jax.registry's entries), so importing one adapter, or
+`adapter_from_spec` for one arch spec, never imports the other architectures' models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Adapter": "spp_jax.adapters.base",
+    "BertAdapter": "spp_jax.adapters.bert",
+    "ClipAdapter": "spp_jax.adapters.clip",
+    "LlamaAdapter": "spp_jax.adapters.llama",
+    "SwinAdapter": "spp_jax.adapters.swin",
+    "ViTAdapter": "spp_jax.adapters.vit",
+    "adapter_from_spec": "spp_jax.adapters.base",
+    "register_adapter": "spp_jax.adapters.base",
+}
 
 __all__ = [
     "Adapter",
@@ -17,3 +31,28 @@ __all__ = [
     "adapter_from_spec",
     "register_adapter",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """An exported name, or a submodule (`spp_jax.adapters.vit` after a bare `import spp_jax.adapters`)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from spp_jax.adapters.base import Adapter, adapter_from_spec, register_adapter
+    from spp_jax.adapters.bert import BertAdapter
+    from spp_jax.adapters.clip import ClipAdapter
+    from spp_jax.adapters.llama import LlamaAdapter
+    from spp_jax.adapters.swin import SwinAdapter
+    from spp_jax.adapters.vit import ViTAdapter

@@ -5,7 +5,9 @@ shape (`module`), slices a param tree for a keep-set (`extract`, algorithm.md §
 MACs of an architecture spec (`arch_cost`), names the weight slices of each entry for the magnitude
 baseline (`entry_weight_norms`) and the weight slice that consumes each entry's masked activation for the
 wanda baseline (`entry_out_weight_norms`). Architecture specs are JSON dicts with an "arch" key naming the
-adapter, so a saved pruned model can be rebuilt from its spec alone.
+adapter, so a saved pruned model can be rebuilt from its spec alone: `adapter_from_spec` finds the adapter
+class in `ADAPTERS` (name -> "module:class", imported on first use as spp_jax.registry's entries, so a
+spec never imports the other architectures' code) and calls its `from_spec`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from spp_jax.errors import CheckpointMismatch
 from spp_jax.groups import KeepSet, Masks, MaskSpec
+from spp_jax.registry import lookup
 
 Params = dict[str, Any]
 ArchSpec = dict[str, Any]
@@ -81,7 +84,14 @@ class Adapter(Protocol):
         ...
 
 
-_REGISTRY: dict[str, Callable[[ArchSpec], Adapter]] = {}
+ADAPTERS = {
+    "vit": "spp_jax.adapters.vit:ViTAdapter",
+    "bert": "spp_jax.adapters.bert:BertAdapter",
+    "llama": "spp_jax.adapters.llama:LlamaAdapter",
+    "swin": "spp_jax.adapters.swin:SwinAdapter",
+    "clip": "spp_jax.adapters.clip:ClipAdapter",
+}
+_REGISTRY: dict[str, Callable[[ArchSpec], Adapter]] = {}  # register_adapter's, before ADAPTERS
 
 
 def register_adapter(name: str, from_spec: Callable[[ArchSpec], Adapter]) -> None:
@@ -90,10 +100,13 @@ def register_adapter(name: str, from_spec: Callable[[ArchSpec], Adapter]) -> Non
 
 
 def adapter_from_spec(arch_spec: Mapping[str, Any]) -> Adapter:
+    """The adapter of a saved arch spec: its "arch" entry's `from_spec` (`register_adapter`, `ADAPTERS`)."""
     arch = arch_spec.get("arch")
-    if arch not in _REGISTRY:
+    if arch in _REGISTRY:
+        return _REGISTRY[arch](dict(arch_spec))
+    if arch not in ADAPTERS:
         raise CheckpointMismatch(
-            f"architecture spec names arch={arch!r}, known: {sorted(_REGISTRY)}; "
+            f"architecture spec names arch={arch!r}, known: {sorted(set(ADAPTERS) | set(_REGISTRY))}; "
             "is this a spp_jax pruned-model directory?"
         )
-    return _REGISTRY[arch](dict(arch_spec))
+    return lookup(ADAPTERS, arch, "arch").from_spec(dict(arch_spec))

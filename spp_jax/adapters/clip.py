@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Order, Params, register_adapter
+from spp_jax.adapters.base import ArchSpec, Order, Params
 from spp_jax.adapters.bert import BertAdapter
 from spp_jax.adapters.vit import ViTAdapter
 from spp_jax.errors import CheckpointMismatch, ConfigError
@@ -70,6 +70,15 @@ class ClipAdapter:
             raise ConfigError(
                 "a two-tower model needs mask groups in at least one tower; give image or text groups"
             )
+
+    @classmethod
+    def from_spec(cls, arch_spec: ArchSpec) -> ClipAdapter:
+        """The adapter an arch spec was written by (`spp_jax.adapters.adapter_from_spec`)."""
+        return cls(
+            ClipConfig.from_json(arch_spec["config"]),
+            tuple(arch_spec["image_groups"]),
+            tuple(arch_spec["text_groups"]),
+        )
 
     # -- the towers' adapters ----------------------------------------------------------------------
     @property
@@ -195,14 +204,3 @@ def _tower_params(params: Params, tower: str) -> Params:
     if tower not in params:
         raise CheckpointMismatch(f"params have no {tower!r} tower; they are not a two-tower (CLIP) model")
     return params[tower]
-
-
-def _from_spec(arch_spec: ArchSpec) -> ClipAdapter:
-    return ClipAdapter(
-        ClipConfig.from_json(arch_spec["config"]),
-        tuple(arch_spec["image_groups"]),
-        tuple(arch_spec["text_groups"]),
-    )
-
-
-register_adapter("clip", _from_spec)

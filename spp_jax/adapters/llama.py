@@ -26,9 +26,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
-from spp_jax.errors import CheckpointMismatch, ConfigError
-from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
+from spp_jax.adapters.base import Order, Params, kept_indices
+from spp_jax.adapters.layerwise import LayerwiseAdapter, weight_norm
+from spp_jax.groups import KeepSet, MaskGroup, MaskSpec
 from spp_jax.models.llama import LayerDims, Llama, LlamaConfig, layers_from_json, layers_to_json
 
 GROUPS = ("qk", "vo", "mlp", "kv_heads")
@@ -50,20 +50,22 @@ def llama_cost(config: LlamaConfig, layers: Sequence[LayerDims]) -> tuple[int, f
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaAdapter:
+class LlamaAdapter(LayerwiseAdapter):
     """Adapter for a dense Llama of `config`, pruning the mask groups named in `groups`."""
 
     config: LlamaConfig
-    groups: tuple[str, ...] = ("qk", "vo", "mlp")
     name: str = "llama"
     lm: ClassVar[bool] = True  # a causal language model: inputs are tokens [B, L], outputs logits [B, L, V]
 
-    def __post_init__(self):
-        bad = [g for g in self.groups if g not in GROUPS]
-        if bad or not self.groups or len(set(self.groups)) != len(self.groups):
-            raise ConfigError(
-                f"mask groups {list(self.groups)} are not a non-empty subset of {GROUPS}; choose from those"
-            )
+    GROUPS = GROUPS
+    HEADS = "kv_heads"
+    BLOCK = "block_"
+    MODEL = "Llama"
+    config_class = LlamaConfig
+    module_class = Llama
+    count_cost = staticmethod(llama_cost)
+    layers_to_json = staticmethod(layers_to_json)
+    layers_from_json = staticmethod(layers_from_json)
 
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
@@ -89,25 +91,6 @@ class LlamaAdapter:
             groups = tuple(dataclasses.replace(x, exact_cost=True) for x in groups)
         return MaskSpec(groups, float(base_params), float(base_macs))
 
-    def dense_spec(self) -> ArchSpec:
-        return self._arch_spec(self.config.dense_layers())
-
-    def module(self, arch_spec: ArchSpec | None = None) -> Llama:
-        if arch_spec is None:
-            return Llama(self.config)
-        return Llama(LlamaConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"]))
-
-    def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, float]:
-        return llama_cost(LlamaConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"]))
-
-    def _arch_spec(self, layers: Sequence[LayerDims]) -> ArchSpec:
-        return {
-            "arch": self.name,
-            "config": self.config.to_json(),
-            "groups": list(self.groups),
-            "layers": layers_to_json(layers),
-        }
-
     # -- baselines ---------------------------------------------------------------------------------
     def _slices(self, block: Params) -> dict[str, np.ndarray]:
         c = self.config
@@ -130,87 +113,42 @@ class LlamaAdapter:
         """Per entry, the product of the L2 norms of the weight slices it owns ([depth, size]):
         qk j: W_q and W_k at dims {j, j + hd/2} (all heads); vo j: W_v[:, :, j] and W_o[:, j, :];
         mlp j: gate[:, j], up[:, j] and down[j, :]; kv_heads g: W_v[:, g, :] and W_o of g's query heads."""
-        norm = lambda w, axes: np.sqrt(np.square(w).sum(axis=axes))
-        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
-        for i in range(self.config.depth):
-            w = self._slices(params[f"block_{i}"])
-            per = {
+        norm = weight_norm
+
+        def per(_: int, block: Params) -> dict[str, np.ndarray]:
+            w = self._slices(block)
+            return {
                 "qk": norm(w["q"], (0, 1, 2)) * norm(w["k"], (0, 1, 2)),
                 "vo": norm(w["v"], (0, 1)) * norm(w["o"], (0, 2)),
                 "mlp": norm(w["gate"], 0) * norm(w["up"], 0) * norm(w["down"], 1),
                 "kv_heads": norm(w["v"], (0, 2)) * norm(w["o_groups"], (1, 2, 3)),
             }
-            for g in self.groups:
-                rows[g].append(per[g])
-        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
+        return self._per_entry(params, per)
 
     def entry_out_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
         """Per entry, the L2 norm of the weight slice consuming its masked activation ([depth, size]):
         qk: 1 (q and k only meet each other); vo j: W_o[:, j, :]; mlp j: down[j, :]; kv_heads g: W_o of
         g's query heads."""
-        norm = lambda w, axes: np.sqrt(np.square(w).sum(axis=axes))
-        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
-        for i in range(self.config.depth):
-            w = self._slices(params[f"block_{i}"])
-            per = {
+        norm = weight_norm
+
+        def per(_: int, block: Params) -> dict[str, np.ndarray]:
+            w = self._slices(block)
+            return {
                 "qk": np.ones(self.config.head_dim // 2),
                 "vo": norm(w["o"], (0, 2)),
                 "mlp": norm(w["down"], 1),
                 "kv_heads": norm(w["o_groups"], (1, 2, 3)),
             }
-            for g in self.groups:
-                rows[g].append(per[g])
-        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
+        return self._per_entry(params, per)
 
     # -- slicing -----------------------------------------------------------------------------------
-    def normalize_keep(self, keep: KeepSet) -> KeepSet:
-        """Drop entries that no longer affect the function: qk, vo and kv_heads of a layer whose attention
-        branch is gone (no value dim or no kv group left). Declared cost of the result == `arch_cost`."""
-        c = self.config
-        self.mask_spec().check_masks(keep)
-        out = {g: np.asarray(keep[g], bool).copy() for g in self.groups}
-        vo = out.get("vo", np.ones((c.depth, c.head_dim), bool))
-        kv = out.get("kv_heads", np.ones((c.depth, c.num_kv_heads), bool))
-        dead = ~vo.any(axis=1) | ~kv.any(axis=1)
-        for g in ("qk", "vo", "kv_heads"):
-            if g in out:
-                out[g][dead] = False
-        return out
-
-    def extract(
-        self,
-        params: Params,
-        keep: KeepSet,
-        masks: Masks | None = None,
-        fold_masks: bool = False,
-        *,
-        order: Order | None = None,
-        source: ArchSpec | None = None,
-    ) -> tuple[Params, ArchSpec]:
-        """Slice the dense `params` to the keep-set. Kept entries are reset to mask 1 unless `fold_masks`,
-        which multiplies the continuous values of `masks` into the kept weights, so the result equals the
-        model run with masks * keep. Returns (params, arch spec); `module(arch_spec)` runs them."""
-        c = self.config
-        if fold_masks and masks is None:
-            raise ConfigError("fold_masks=True needs the mask values (masks=...)")
-        keep = self.normalize_keep(keep)
-        mvals = {g: np.asarray(masks[g], np.float32) for g in self.groups} if fold_masks else {}
-        new = {k: v for k, v in params.items() if not k.startswith("block_")}
-        src = layers_from_json(source["layers"]) if source is not None else c.dense_layers()
-        layers = []
-        for i in range(c.depth):
-            name = f"block_{i}"
-            if name not in params:
-                raise CheckpointMismatch(f"params have no {name}; they are not a depth-{c.depth} Llama")
-            new[name], dims = self._slice_block(params[name], keep, mvals, i, order, src[i].rope_pairs)
-            layers.append(dims)
-        return new, self._arch_spec(layers)
-
     def _slice_block(
         self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int, order: Order | None,
-        rope_pairs: Sequence[int],
+        src: LayerDims,
     ) -> tuple[Params, LayerDims]:  # fmt: skip
-        """One block's slices; `rope_pairs` names the RoPE pair of each of the block's qk columns."""
+        """One block's slices; `src.rope_pairs` names the RoPE pair of each of the block's qk columns."""
         c = self.config
         half, grp = c.head_dim // 2, c.group_size
 
@@ -245,13 +183,6 @@ class LlamaAdapter:
                 "up": {"kernel": w["up"][:, mlp] * scale("mlp", mlp)},
                 "down": {"kernel": w["down"][mlp]},
             }
-        labels = tuple(int(rope_pairs[p]) for p in pairs)
+        labels = tuple(int(src.rope_pairs[p]) for p in pairs)
         dims = LayerDims(len(kv) * grp, len(kv), labels, len(vo), len(mlp))
         return new_block, dims
-
-
-def _from_spec(arch_spec: ArchSpec) -> LlamaAdapter:
-    return LlamaAdapter(LlamaConfig.from_json(arch_spec["config"]), tuple(arch_spec["groups"]))
-
-
-register_adapter("llama", _from_spec)

@@ -23,17 +23,18 @@ head keeps its slices of all four and its column of the relative position table.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
-from spp_jax.errors import CheckpointMismatch, ConfigError
-from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
+from spp_jax.adapters.base import Order, Params, kept_indices
+from spp_jax.adapters.layerwise import Block, LayerwiseAdapter, weight_norm
+from spp_jax.errors import CheckpointMismatch
+from spp_jax.groups import KeepSet, MaskGroup, MaskSpec
+from spp_jax.models.layers import LayerDims
 from spp_jax.models.swin import KINDS, SwinConfig, SwinTransformer
 from spp_jax.models.swin_attention import window_geometry
-from spp_jax.models.vit import LayerDims, layers_from_json, layers_to_json
 
 
 def _stage_tokens(c: SwinConfig, side: int) -> tuple[int, int, int]:
@@ -84,23 +85,20 @@ def swin_cost(c: SwinConfig, layers: Sequence[LayerDims], linear: bool = False) 
 
 
 @dataclasses.dataclass(frozen=True)
-class SwinAdapter:
+class SwinAdapter(LayerwiseAdapter):
     """Adapter for a dense Swin of `config`, pruning the mask kinds in `groups` in every stage."""
 
     config: SwinConfig
-    groups: tuple[str, ...] = ("qk", "vo", "mlp")
     name: str = "swin"
 
-    def __post_init__(self):
-        bad = [g for g in self.groups if g not in KINDS]
-        if bad or not self.groups:
-            raise ConfigError(
-                f"mask groups {list(self.groups)} are not a non-empty subset of {KINDS}; choose from those"
-            )
+    GROUPS = KINDS
+    config_class = SwinConfig
+    module_class = SwinTransformer
+    count_cost = staticmethod(swin_cost)
 
-    def _names(self) -> list[tuple[int, str, str]]:
-        """(stage, kind, group name) of every group, stage-major."""
-        return [(s, g, f"stage{s}/{g}") for s in range(self.config.num_stages) for g in self.groups]
+    def _stacks(self) -> list[tuple[str, int]]:
+        """The stages: group names `stage{s}/{kind}`."""
+        return [(f"stage{s}/", self.config.depths[s]) for s in range(self.config.num_stages)]
 
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
@@ -108,7 +106,7 @@ class SwinAdapter:
         sides = c.sides()
         n_rel = (2 * c.window_size - 1) ** 2
         groups = []
-        for s, kind, name in self._names():
+        for s, (prefix, depth) in enumerate(self._stacks()):
             d, h, hd, mlp = c.dim(s), c.num_heads[s], c.head_dim(s), c.mlp_dim(s)
             n, big_n, t = _stage_tokens(c, sides[s])
             entries = {
@@ -122,8 +120,9 @@ class SwinAdapter:
                     not g & {"qk", "vo"},
                 ),
             }
-            size, params, macs, exact = entries[kind]
-            groups.append(MaskGroup(name, c.depths[s], size, params, macs, bool(exact)))
+            for kind in self.groups:
+                size, params, macs, exact = entries[kind]
+                groups.append(MaskGroup(prefix + kind, depth, size, params, macs, bool(exact)))
         base = []
         for s in range(c.num_stages):
             hd = c.head_dim(s)
@@ -137,28 +136,7 @@ class SwinAdapter:
         base_params, base_macs = swin_cost(c, base, linear=True)
         return MaskSpec(tuple(groups), float(base_params), float(base_macs))
 
-    def dense_spec(self) -> ArchSpec:
-        return self._arch_spec(self.config.dense_layers())
-
-    def module(self, arch_spec: ArchSpec | None = None) -> SwinTransformer:
-        if arch_spec is None:
-            return SwinTransformer(self.config)
-        return SwinTransformer(
-            SwinConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"])
-        )
-
-    def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]:
-        return swin_cost(SwinConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"]))
-
-    def _arch_spec(self, layers: Sequence[LayerDims]) -> ArchSpec:
-        return {
-            "arch": self.name,
-            "config": self.config.to_json(),
-            "groups": list(self.groups),
-            "layers": layers_to_json(layers),
-        }
-
-    def _blocks(self, params: Params) -> list[tuple[int, int, Params]]:
+    def _blocks(self, params: Params) -> list[Block]:
         """(stage, block, block params) of every block, stage-major."""
         out = []
         for s in range(self.config.num_stages):
@@ -172,30 +150,21 @@ class SwinAdapter:
                     ) from None
         return out
 
-    def _per_entry(
-        self, params: Params, fn: Callable[[int, Params], dict[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """Stack `fn(stage, block params)[kind]` over the blocks of each stage, per group."""
-        rows: dict[str, list[np.ndarray]] = {name: [] for _, _, name in self._names()}
-        for s, _, block in self._blocks(params):
-            per = fn(s, block)
-            for g in self.groups:
-                rows[f"stage{s}/{g}"].append(per[g])
-        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
-
     def entry_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
         """Per entry, the product of the L2 norms of the two weight slices it owns ([blocks, size]):
         qk j: W_q[:, :, j] and W_k[:, :, j] (all heads); vo j: W_v[:, :, j] and W_o[:, j, :];
         mlp j: fc1[:, j] and fc2[j, :]; heads h: W_v[:, h, :] and W_o[h, :, :]."""
 
+        norm = weight_norm
+
         def per(s: int, block: Params) -> dict[str, np.ndarray]:
             attn, mlp = block["attn"], block["mlp"]
             v, o = attn["value"]["kernel"], attn["out"]["kernel"]  # [C, H, hd], [H, hd, C]
             return {
-                "qk": _norm(attn["query"]["kernel"], (0, 1)) * _norm(attn["key"]["kernel"], (0, 1)),
-                "vo": _norm(v, (0, 1)) * _norm(o, (0, 2)),
-                "mlp": _norm(mlp["fc1"]["kernel"], 0) * _norm(mlp["fc2"]["kernel"], 1),
-                "heads": _norm(v, (0, 2)) * _norm(o, (1, 2)),
+                "qk": norm(attn["query"]["kernel"], (0, 1)) * norm(attn["key"]["kernel"], (0, 1)),
+                "vo": norm(v, (0, 1)) * norm(o, (0, 2)),
+                "mlp": norm(mlp["fc1"]["kernel"], 0) * norm(mlp["fc2"]["kernel"], 1),
+                "heads": norm(v, (0, 2)) * norm(o, (1, 2)),
             }
 
         return self._per_entry(params, per)
@@ -208,65 +177,36 @@ class SwinAdapter:
             o = block["attn"]["out"]["kernel"]
             return {
                 "qk": np.ones(self.config.head_dim(s)),
-                "vo": _norm(o, (0, 2)),
-                "mlp": _norm(block["mlp"]["fc2"]["kernel"], 1),
-                "heads": _norm(o, (1, 2)),
+                "vo": weight_norm(o, (0, 2)),
+                "mlp": weight_norm(block["mlp"]["fc2"]["kernel"], 1),
+                "heads": weight_norm(o, (1, 2)),
             }
 
         return self._per_entry(params, per)
 
     # -- slicing -----------------------------------------------------------------------------------
-    def normalize_keep(self, keep: KeepSet) -> KeepSet:
-        """Drop entries that no longer affect the function: qk, vo and heads of a block whose attention
-        branch is gone (no vo dim or no head left). Declared cost of the result == `arch_cost` (when every
-        group's cost is exact)."""
-        c = self.config
-        self.mask_spec().check_masks(keep)
-        out = {name: np.asarray(keep[name], bool).copy() for _, _, name in self._names()}
-        for s in range(c.num_stages):
-            vo = out.get(f"stage{s}/vo", np.ones((c.depths[s], 1), bool))
-            heads = out.get(f"stage{s}/heads", np.ones((c.depths[s], 1), bool))
-            dead = ~vo.any(axis=1) | ~heads.any(axis=1)
-            for g in ("qk", "vo", "heads"):
-                if f"stage{s}/{g}" in out:
-                    out[f"stage{s}/{g}"][dead] = False
-        return out
-
-    def extract(
-        self,
-        params: Params,
-        keep: KeepSet,
-        masks: Masks | None = None,
-        fold_masks: bool = False,
-        *,
-        order: Order | None = None,
-        source: ArchSpec | None = None,
-    ) -> tuple[Params, ArchSpec]:
-        """Slice the dense `params` to the keep-set (algorithm.md §5).
-
-        Kept entries are reset to mask 1 unless `fold_masks`, which multiplies the continuous mask values
-        of `masks` into the kept weights (the result equals the model run with masks * keep). Returns
-        (params, arch spec); `module(arch_spec)` runs them.
-        """
-        if fold_masks and masks is None:
-            raise ConfigError("fold_masks=True needs the mask values (masks=...)")
-        keep = self.normalize_keep(keep)
-        mvals = {k: np.asarray(masks[k], np.float32) for k in keep} if fold_masks else {}
+    def _slice_blocks(
+        self, params: Params, keep: KeepSet, mvals: dict[str, np.ndarray], order: Order | None,
+        src: Sequence[Any],
+    ) -> tuple[Params, list[LayerDims]]:  # fmt: skip
+        """Every block sliced (`_slice_stage_block`), each stage's other params (patch merging) as they
+        are."""
         new = {k: v for k, v in params.items() if not k.startswith("stage_")}
         layers = []
         for s, i, block in self._blocks(params):
-            if i == 0:  # the stage's other params (patch merging) as they are
+            if i == 0:
                 new[f"stage_{s}"] = {
                     k: v for k, v in params[f"stage_{s}"].items() if not k.startswith("block_")
                 }
-            new[f"stage_{s}"][f"block_{i}"], dims = self._slice_block(block, keep, mvals, s, i, order)
+            new[f"stage_{s}"][f"block_{i}"], dims = self._slice_stage_block(block, keep, mvals, s, i, order)
             layers.append(dims)
-        return new, self._arch_spec(layers)
+        return new, layers
 
-    def _slice_block(
+    def _slice_stage_block(
         self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], s: int, i: int,
         order: Order | None,
     ) -> tuple[Params, LayerDims]:  # fmt: skip
+        """Block i of stage s: the ViT's slicing (module docstring) plus the kept heads' table columns."""
         c = self.config
 
         def idx(g: str, size: int) -> np.ndarray:
@@ -314,14 +254,3 @@ class SwinAdapter:
         new_block = {k: v for k, v in block.items() if k not in ("attn", "mlp")}
         new_block["attn"], new_block["mlp"] = new_attn, new_mlp
         return new_block, LayerDims(len(heads), len(qk), len(vo), len(mlp))
-
-
-def _norm(w: Any, axes: int | tuple[int, ...]) -> np.ndarray:
-    return np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
-
-
-def _from_spec(arch_spec: ArchSpec) -> SwinAdapter:
-    return SwinAdapter(SwinConfig.from_json(arch_spec["config"]), tuple(arch_spec["groups"]))
-
-
-register_adapter("swin", _from_spec)

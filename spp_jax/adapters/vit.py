@@ -7,6 +7,8 @@ Costs (algorithm.md §2; D = width, H = heads, N = tokens, per example):
     heads entry: cost of one head at full head_dim (an upper bound: it overlaps qk/vo entries)
 Slicing (algorithm.md §5): keep the columns of W_q, W_k where qk is kept (in every kept head), of W_v where
 vo is kept, the matching input rows of W_o, the columns of fc1 and rows of fc2 where mlp is kept.
+`EncoderAdapter` is all of it but the config, the module and the cost count: what ViT and BERT
+(spp_jax.adapters.bert) share.
 """
 
 from __future__ import annotations
@@ -17,16 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from spp_jax.adapters.base import ArchSpec, Order, Params, kept_indices, register_adapter
-from spp_jax.errors import CheckpointMismatch, ConfigError
-from spp_jax.groups import KeepSet, MaskGroup, Masks, MaskSpec
-from spp_jax.models.vit import (
-    LayerDims,
-    VisionTransformer,
-    ViTConfig,
-    layers_from_json,
-    layers_to_json,
-)
+from spp_jax.adapters.base import Order, Params, kept_indices
+from spp_jax.adapters.layerwise import LayerwiseAdapter, weight_norm
+from spp_jax.groups import KeepSet, MaskGroup, MaskSpec
+from spp_jax.models.layers import LayerDims
+from spp_jax.models.vit import VisionTransformer, ViTConfig
 
 GROUPS = ("qk", "vo", "mlp", "heads")
 
@@ -105,140 +102,70 @@ def vit_cost(config: ViTConfig, layers: Sequence[LayerDims]) -> tuple[int, int]:
     return params, macs
 
 
-@dataclasses.dataclass(frozen=True)
-class ViTAdapter:
-    """Adapter for a dense ViT of `config`, pruning the mask groups named in `groups`."""
+class EncoderAdapter(LayerwiseAdapter):
+    """The adapters of ViT-layout encoders (ViT, BERT): blocks `encoderblock_{i}` with `attn` and `mlp`
+    (`spp_jax.models.layers.MaskedAttention`, `MaskedMlp`), groups declared by `encoder_mask_spec` at
+    `_tokens()` tokens, the weight norms and slicing of those blocks. They read only config.{depth, width,
+    num_heads, head_dim, mlp_dim, mlp_mask_pre_act}."""
 
-    config: ViTConfig
-    groups: tuple[str, ...] = ("qk", "vo", "mlp")
-    name: str = "vit"
+    GROUPS = GROUPS
+    BLOCK = "encoderblock_"
+    MODEL = "ViT"
 
-    def __post_init__(self):
-        bad = [g for g in self.groups if g not in GROUPS]
-        if bad or not self.groups:
-            raise ConfigError(
-                f"mask groups {list(self.groups)} are not a non-empty subset of {GROUPS}; choose from those"
-            )
+    def _tokens(self) -> int:
+        """The tokens per example the MACs are counted at."""
+        raise NotImplementedError
 
     # -- declaration -------------------------------------------------------------------------------
     def mask_spec(self) -> MaskSpec:
         c = self.config
-        cost = lambda layers: vit_cost(c, layers)
+        cost = lambda layers: self.count_cost(c, layers)
         return encoder_mask_spec(
-            self.groups, c.depth, c.width, c.num_heads, c.head_dim, c.mlp_dim, c.num_tokens, cost
+            self.groups, c.depth, c.width, c.num_heads, c.head_dim, c.mlp_dim, self._tokens(), cost
         )
-
-    def dense_spec(self) -> ArchSpec:
-        return self._arch_spec(self.config.dense_layers())
-
-    def module(self, arch_spec: ArchSpec | None = None) -> VisionTransformer:
-        if arch_spec is None:
-            return VisionTransformer(self.config)
-        return VisionTransformer(
-            ViTConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"])
-        )
-
-    def arch_cost(self, arch_spec: ArchSpec) -> tuple[int, int]:
-        return vit_cost(ViTConfig.from_json(arch_spec["config"]), layers_from_json(arch_spec["layers"]))
-
-    def _arch_spec(self, layers: Sequence[LayerDims]) -> ArchSpec:
-        return {
-            "arch": self.name,
-            "config": self.config.to_json(),
-            "groups": list(self.groups),
-            "layers": layers_to_json(layers),
-        }
 
     def entry_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
         """Per entry, the product of the L2 norms of the two weight slices it owns ([depth, size]):
         qk j: W_q[:, :, j] and W_k[:, :, j] (all heads); vo j: W_v[:, :, j] and W_o[:, j, :];
         mlp j: fc1[:, j] and fc2[j, :]; heads h: W_v[:, h, :] and W_o[h, :, :]."""
-        norm = lambda w, axes: np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
-        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
-        for i in range(self.config.depth):
-            attn, mlp = params[f"encoderblock_{i}"]["attn"], params[f"encoderblock_{i}"]["mlp"]
+
+        def per(_: int, block: Params) -> dict[str, np.ndarray]:
+            attn, mlp = block["attn"], block["mlp"]
             v, o = attn["value"]["kernel"], attn["out"]["kernel"]  # [D, H, hd], [H, hd, D]
-            per = {
+            pairs = {
                 "qk": (attn["query"]["kernel"], (0, 1), attn["key"]["kernel"], (0, 1)),
                 "vo": (v, (0, 1), o, (0, 2)),
                 "mlp": (mlp["fc1"]["kernel"], 0, mlp["fc2"]["kernel"], 1),
                 "heads": (v, (0, 2), o, (1, 2)),
             }
-            for g in self.groups:
-                a, a_axes, b, b_axes = per[g]
-                rows[g].append(norm(a, a_axes) * norm(b, b_axes))
-        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+            norms = lambda a, a_axes, b, b_axes: weight_norm(a, a_axes) * weight_norm(b, b_axes)
+            return {g: norms(*pairs[g]) for g in self.groups}
+
+        return self._per_entry(params, per)
 
     def entry_out_weight_norms(self, params: Params) -> dict[str, np.ndarray]:
         """Per entry, the L2 norm of the weight slice consuming its masked activation ([depth, size]):
         qk j: 1 (q_j and k_j only meet each other); vo j: W_o[:, j, :] (all heads); mlp j: fc2[j, :];
         heads h: W_o[h, :, :]."""
-        norm = lambda w, axes: np.sqrt(np.square(np.asarray(w, np.float64)).sum(axis=axes))
-        rows: dict[str, list[np.ndarray]] = {g: [] for g in self.groups}
-        for i in range(self.config.depth):
-            block = params[f"encoderblock_{i}"]
+
+        def per(_: int, block: Params) -> dict[str, np.ndarray]:
             o = block["attn"]["out"]["kernel"]  # [H, hd, D]
-            per = {
+            return {
                 "qk": np.ones(self.config.head_dim),
-                "vo": norm(o, (0, 2)),
-                "mlp": norm(block["mlp"]["fc2"]["kernel"], 1),
-                "heads": norm(o, (1, 2)),
+                "vo": weight_norm(o, (0, 2)),
+                "mlp": weight_norm(block["mlp"]["fc2"]["kernel"], 1),
+                "heads": weight_norm(o, (1, 2)),
             }
-            for g in self.groups:
-                rows[g].append(per[g])
-        return {g: np.stack(r).astype(np.float32) for g, r in rows.items()}
+
+        return self._per_entry(params, per)
 
     # -- slicing -----------------------------------------------------------------------------------
-    def normalize_keep(self, keep: KeepSet) -> KeepSet:
-        """Drop entries that no longer affect the function: qk (and vo) of a layer whose attention
-        branch is gone (no vo dim or no head left). Declared cost of the result == `arch_cost`."""
-        c = self.config
-        spec = self.mask_spec()
-        spec.check_masks(keep)
-        out = {g: np.asarray(keep[g], bool).copy() for g in self.groups}
-        vo = out.get("vo", np.ones((c.depth, c.head_dim), bool))
-        heads = out.get("heads", np.ones((c.depth, c.num_heads), bool))
-        dead = ~vo.any(axis=1) | ~heads.any(axis=1)
-        for g in ("qk", "vo", "heads"):
-            if g in out:
-                out[g][dead] = False
-        return out
-
-    def extract(
-        self,
-        params: Params,
-        keep: KeepSet,
-        masks: Masks | None = None,
-        fold_masks: bool = False,
-        *,
-        order: Order | None = None,
-        source: ArchSpec | None = None,
-    ) -> tuple[Params, ArchSpec]:
-        """Slice the dense `params` to the keep-set (algorithm.md §5).
-
-        Kept entries are reset to mask 1 (reference behaviour) unless `fold_masks`, which multiplies the
-        continuous mask values of `masks` into the kept weights, so the result equals the model run with
-        masks * keep. Returns (params, arch spec); `module(arch_spec)` runs them.
-        """
-        c = self.config
-        if fold_masks and masks is None:
-            raise ConfigError("fold_masks=True needs the mask values (masks=...)")
-        keep = self.normalize_keep(keep)
-        mvals = {g: np.asarray(masks[g], np.float32) for g in self.groups} if fold_masks else {}
-        new = {k: v for k, v in params.items() if not k.startswith("encoderblock_")}
-        layers = []
-        for i in range(c.depth):
-            name = f"encoderblock_{i}"
-            if name not in params:
-                raise CheckpointMismatch(f"params have no {name}; they are not a depth-{c.depth} ViT")
-            block, dims = self._slice_block(params[name], keep, mvals, i, order)
-            new[name] = block
-            layers.append(dims)
-        return new, self._arch_spec(layers)
-
     def _slice_block(
-        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int, order: Order | None
-    ) -> tuple[Params, LayerDims]:
+        self, block: Params, keep: KeepSet, mvals: dict[str, np.ndarray], i: int, order: Order | None,
+        src: LayerDims,
+    ) -> tuple[Params, LayerDims]:  # fmt: skip
+        """Keep the columns of W_q, W_k where qk is kept (in every kept head), of W_v where vo is kept, the
+        matching input rows of W_o, the columns of fc1 and rows of fc2 where mlp is kept."""
         c = self.config
 
         def idx(g: str, size: int) -> np.ndarray:
@@ -288,8 +215,16 @@ class ViTAdapter:
         return new_block, LayerDims(n_heads, len(qk), len(vo) if n_heads else 0, len(mlp))
 
 
-def _from_spec(arch_spec: ArchSpec) -> ViTAdapter:
-    return ViTAdapter(ViTConfig.from_json(arch_spec["config"]), tuple(arch_spec["groups"]))
+@dataclasses.dataclass(frozen=True)
+class ViTAdapter(EncoderAdapter):
+    """Adapter for a dense ViT of `config`, pruning the mask groups named in `groups`."""
 
+    config: ViTConfig
+    name: str = "vit"
 
-register_adapter("vit", _from_spec)
+    config_class = ViTConfig
+    module_class = VisionTransformer
+    count_cost = staticmethod(vit_cost)
+
+    def _tokens(self) -> int:
+        return self.config.num_tokens

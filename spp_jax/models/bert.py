@@ -1,7 +1,7 @@
 """BERT-style text encoder (BERT, MiniLM / sentence-transformers, CLIP's text tower) in Flax Linen that
 takes a mask pytree.
 
-The blocks are the ViT's masked attention and MLP (`spp_jax.models.vit`), so the masks, the pruned shapes
+The blocks are the ViT's masked attention and MLP (`spp_jax.models.layers`), so the masks, the pruned shapes
 (`LayerDims` per layer) and the slicing are the ViT's (algorithm.md §2, §5):
     qk    [depth, head_dim], vo [depth, head_dim], mlp [depth, mlp_dim], heads [depth, heads] (optional)
 `masks=None` and all-ones masks give the dense function exactly; the attention scale is always the
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import LayerDims, MaskedAttention, MaskedMlp
+from spp_jax.models.layers import LayerDims, MaskedAttention, MaskedMlp
 
 Array = jax.Array
 

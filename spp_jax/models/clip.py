@@ -33,7 +33,8 @@ from flax import traverse_util
 
 from spp_jax.errors import ConfigError
 from spp_jax.models.bert import BertConfig, BertEncoder, bert_config
-from spp_jax.models.vit import LayerDims, VisionTransformer, ViTConfig, vit_config
+from spp_jax.models.layers import LayerDims
+from spp_jax.models.vit import VisionTransformer, ViTConfig, vit_config
 
 Array = jax.Array
 

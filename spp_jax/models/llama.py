@@ -51,7 +51,7 @@ import numpy as np
 
 from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
-from spp_jax.models.vit import _sow_mask_input, fused_attention, mask_mul
+from spp_jax.models.layers import fused_attention, mask_mul, sow_mask_input
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -252,7 +252,7 @@ class LlamaAttention(nn.Module):
         dense = lambda feats, name: nn.DenseGeneral(feats, use_bias=False, name=name, dtype=dt)
         v = dense((kv, d.v_dim), "value")(x)
         if "vo" in masks:
-            _sow_mask_input(self, "vo", v)
+            sow_mask_input(self, "vo", v)
             v = mask_mul(v, masks["vo"])
         if p:
             inv_freq = rope_inv_freq(d.rope_pairs, c.head_dim, c.rope_theta)
@@ -260,8 +260,8 @@ class LlamaAttention(nn.Module):
             k = apply_rope(dense((kv, 2 * p), "key")(x), positions, inv_freq)
             if "qk" in masks:
                 pair = lambda a: a.reshape(*a.shape[:-1], 2, p)  # entry j = dims j and j + p
-                _sow_mask_input(self, "qk", pair(q))
-                _sow_mask_input(self, "qk", pair(k))
+                sow_mask_input(self, "qk", pair(q))
+                sow_mask_input(self, "qk", pair(k))
                 m = jnp.concatenate([masks["qk"], masks["qk"]])
                 q, k = mask_mul(q, m), mask_mul(k, m)
         else:  # every pair removed: all logits are 0, attention is uniform over the causal prefix
@@ -290,7 +290,7 @@ class LlamaAttention(nn.Module):
             weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
             out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(v.dtype))  # [B, T, KV, G, dv]
         if "kv_heads" in masks:
-            _sow_mask_input(self, "kv_heads", out, axis=2)
+            sow_mask_input(self, "kv_heads", out, axis=2)
             out = mask_mul(out, masks["kv_heads"][:, None, None])
         out = out.reshape(b, t, d.num_heads, d.v_dim)
         out_proj = nn.DenseGeneral(c.width, axis=(-2, -1), use_bias=False, name="out", dtype=dt)
@@ -309,7 +309,7 @@ class LlamaMlp(nn.Module):
         dense = lambda feats, name: nn.Dense(feats, use_bias=False, name=name, dtype=self.dtype)
         y = nn.silu(dense(self.mlp_dim, "gate")(x)) * dense(self.mlp_dim, "up")(x)
         if mask is not None:
-            _sow_mask_input(self, "mlp", y)
+            sow_mask_input(self, "mlp", y)
             y = mask_mul(y, mask)
         return dense(self.width, "down")(y)
 

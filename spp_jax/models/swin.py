@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from spp_jax.compute import check_compute
 from spp_jax.errors import ConfigError
+from spp_jax.models.layers import DropPath, LayerDims, MaskedMlp
 from spp_jax.models.swin_attention import (
     WindowAttention,
     from_windows,
@@ -37,7 +38,6 @@ from spp_jax.models.swin_attention import (
     to_windows,
     window_geometry,
 )
-from spp_jax.models.vit import DropPath, LayerDims, MaskedMlp
 
 Array = jax.Array
 KINDS = ("qk", "vo", "mlp", "heads")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax.models.vit import Bias, LayerDims, _sow_mask_input, mask_mul
+from spp_jax.models.layers import Bias, LayerDims, mask_mul, sow_mask_input
 
 Array = jax.Array
 SHIFT_MASK_VALUE = -100.0  # added to the logits of token pairs the shift separated (original Swin's value)
@@ -107,7 +107,7 @@ class WindowAttention(nn.Module):
             )
         if h * dv == 0:
             return Bias(self.width, name="out")(x)
-        sow = lambda kind, y, axis=-1: _sow_mask_input(self, self.group_prefix + kind, y, axis)
+        sow = lambda kind, y, axis=-1: sow_mask_input(self, self.group_prefix + kind, y, axis)
         dense = lambda feats, name: nn.DenseGeneral(feats, name=name, dtype=self.dtype)
         v = dense((h, dv), "value")(x)  # [B, n, T, h, dv]
         if "vo" in masks:
