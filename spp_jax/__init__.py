@@ -10,9 +10,9 @@ flags) does not import JAX, Flax, orbax and tfds: a mistyped flag fails in a fra
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spp_jax.registry import lazy_exports
 
 _EXPORTS = {
     "KeepSet": "spp_jax.groups",
@@ -53,20 +53,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """An exported name, or a submodule (`spp_jax.checkpoint` after a bare `import spp_jax`)."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# an exported name, or a submodule (`spp_jax.checkpoint` after a bare `import spp_jax`)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:

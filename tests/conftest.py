@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -21,3 +23,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """Synthetic Fashion-MNIST idx files (point SPP_FASHION_MNIST_DIR at them), one set per test module."""
+    from tests.helpers import write_synthetic_fashion_mnist
+
+    d = tmp_path_factory.mktemp("idx")
+    write_synthetic_fashion_mnist(d)
+    return d

@@ -23,16 +23,9 @@ import pytest
 from configs.vit import get_config
 from spp_jax import checkpoint, run
 from spp_jax.errors import SaveFailed, WorkdirInUse, save_failed
-from tests.helpers import tree_snapshot, write_synthetic_fashion_mnist
+from tests.helpers import tree_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("idx")
-    write_synthetic_fashion_mnist(d)
-    return d
 
 
 @pytest.fixture()

@@ -20,14 +20,6 @@ from spp_jax.stages.dense import stage_dense
 from spp_jax.stages.extract import extract_targets
 from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
-from tests.helpers import write_synthetic_fashion_mnist
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("idx")
-    write_synthetic_fashion_mnist(d)
-    return d
 
 
 @pytest.fixture()

@@ -6,9 +6,9 @@ The names below load on first use (as spp_jax.registry's entries), so importing 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spp_jax.registry import lazy_exports
 
 _EXPORTS = {
     "Adapter": "spp_jax.adapters.base",
@@ -33,20 +33,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """An exported name, or a submodule (`spp_jax.adapters.vit` after a bare `import spp_jax.adapters`)."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# an exported name, or a submodule (`spp_jax.adapters.vit` after a bare `import spp_jax.adapters`)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:
