@@ -35,6 +35,8 @@ from spp_jax.stages.context import RunContext
 from spp_jax.tasks.image_classification import ImageClassification
 from tests.helpers import tree_snapshot, write_synthetic_fashion_mnist
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "vit.py")
 BERT = str(ROOT / "configs" / "bert.py")

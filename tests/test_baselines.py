@@ -19,6 +19,8 @@ from spp_jax.stages.extract import ranking_record
 from spp_jax.tasks.image_classification import ImageClassification, classification_loss
 from tests.helpers import mu_adapter, random_images, random_params
 
+pytestmark = pytest.mark.slow  # every criterion on compiled models: the full suite
+
 
 def _batches(adapter, n=2):
     return [

@@ -33,6 +33,9 @@ TINY = dict(
 )  # fmt: skip
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 def hf_bert(cls: str = "BertModel", **extra):
     """A transformers BERT of TINY with every parameter randomized (the same for the same args)."""
     cfg = transformers.BertConfig(**{**TINY, **extra}, num_labels=3)

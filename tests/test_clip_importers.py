@@ -36,6 +36,9 @@ VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, interm
               patch_size=4)  # fmt: skip
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 def hf_clip(eos: int = EOS, hidden_act: str = "quick_gelu"):
     cfg = transformers.CLIPConfig(
         text_config={**TEXT, "eos_token_id": eos, "hidden_act": hidden_act},

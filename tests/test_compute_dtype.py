@@ -24,6 +24,8 @@ from spp_jax.spp import spp
 from spp_jax.tasks.causal_lm import CausalLM
 from spp_jax.tasks.image_classification import ImageClassification
 
+pytestmark = pytest.mark.slow  # bfloat16 and attention kernels of every row: the full suite
+
 
 def _case(arch: str):
     """(float32 adapter, task, params, batch) of a tiny model with every mask group and perturbed weights

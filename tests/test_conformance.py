@@ -118,6 +118,7 @@ def _random_record(spec, seed: int) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_family_member_equals_the_extracted_model(name, tmp_path):
     """Before any training, the member a family cuts for a target is the model extraction makes for it (the
@@ -153,6 +154,7 @@ def test_family_member_equals_the_extracted_model(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_member_slicer_cuts_the_member_inside_jit(name):
     """The traced cut of the nested fine-tune gives the numpy cut's arrays, and its gradient reaches only the

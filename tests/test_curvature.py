@@ -17,6 +17,8 @@ from spp_jax.tasks.image_classification import classification_loss
 from tests.helpers import mu_adapter, random_images, random_params
 from tests.test_spp import SPEC
 
+pytestmark = pytest.mark.slow  # per-example gradients of whole models: the full suite
+
 
 def _curvatures(seed: int, steps: int) -> list[dict[str, np.ndarray]]:
     """Per entry a level spread over three decades (like squared mask gradients) times per-step noise."""

@@ -17,6 +17,8 @@ from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
 from tests.helpers import write_synthetic_fashion_mnist
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 
 def _config(base):
     c = get_config("mu")

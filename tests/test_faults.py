@@ -26,6 +26,7 @@ from spp_jax.errors import SaveFailed, WorkdirInUse, save_failed
 from tests.helpers import tree_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
 
 
 @pytest.fixture()

@@ -21,6 +21,8 @@ from spp_jax.errors import ConfigError
 from spp_jax.run_config import validate_config
 from tests.helpers import write_synthetic_fashion_mnist
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
 
 

@@ -81,6 +81,7 @@ def test_train_and_eval_prompts_are_disjoint_and_class_major():
     assert texts[: len(TRAIN_TEMPLATES)] == [t.format("cat") for t in TRAIN_TEMPLATES]
 
 
+@pytest.mark.slow
 def test_micro_batch_curvature_with_one_example_per_chunk_is_the_per_example_one():
     from spp_jax.architectures.vit import ViTArchitecture
     from spp_jax.tasks.image_classification import ImageClassification
@@ -116,6 +117,7 @@ def clip_run(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.asset  # MiniLM's tokenizer
 def test_the_run_prunes_both_towers_and_reports_recall(clip_run):
     cfg, wd, report = clip_run
@@ -128,6 +130,7 @@ def test_the_run_prunes_both_towers_and_reports_recall(clip_run):
     assert "i2t R@1" in (wd / "report.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.asset
 def test_the_dense_stage_trained_only_projections_and_temperature(clip_run):
     cfg, wd, _ = clip_run
@@ -140,6 +143,7 @@ def test_the_dense_stage_trained_only_projections_and_temperature(clip_run):
     assert changed == {"image_proj", "text_proj", "logit_scale"}
 
 
+@pytest.mark.slow
 @pytest.mark.asset
 def test_saved_two_tower_models_embed_alone(clip_run):
     cfg, wd, _ = clip_run
@@ -153,6 +157,7 @@ def test_saved_two_tower_models_embed_alone(clip_run):
         np.testing.assert_allclose(np.linalg.norm(np.asarray(img), axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.asset
 def test_a_second_run_resumes_without_recomputing(clip_run):
     cfg, wd, report = clip_run

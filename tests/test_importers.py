@@ -38,6 +38,9 @@ TOL = 1e-4
 MU = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=16, num_classes=5)
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 @functools.cache
 def _apply(config: ViTConfig):
     return jax.jit(lambda p, x: VisionTransformer(config).apply({"params": p}, x))

@@ -42,6 +42,9 @@ PARAGRAPH = (
 TOKENS_TEXT = "In 1815, the price was $3.50 per yard -- isn't that odd?\n\n  Indented\tline; café 12345!"
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 def _logits(config, params, tokens: np.ndarray) -> np.ndarray:
     import jax.numpy as jnp
 

@@ -18,6 +18,8 @@ from spp_jax import checkpoint, run
 from spp_jax.data.books import AUSTEN_DB, AUSTEN_OBJECTS, KJV_FILE
 from tests.test_books import write_lazyload
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -36,6 +36,7 @@ from spp_jax.errors import ConfigError
 from tests.helpers import write_synthetic_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # processes and whole runs: the full suite, not the fast tier
 STEPS = 12  # configs/vit.py:mu
 _CLUSTER_ENV = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 

@@ -11,6 +11,9 @@ pytest.importorskip("torch")
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "peer_step.py"
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 def _peer_step():
     spec = importlib.util.spec_from_file_location("peer_step", _PATH)
     module = importlib.util.module_from_spec(spec)

@@ -21,6 +21,8 @@ from spp_jax.stages.extract import extract_targets
 from spp_jax.stages.search import stage_search
 from spp_jax.workdir import Workdir
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 
 @pytest.fixture()
 def cfg(idx_dir, tmp_path_factory, monkeypatch):

